@@ -1,0 +1,3 @@
+from mixbench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Run specifications: one RunSpec per grid cell, fully resolved before training.
+
+A RunSpec holds every option that can change a run's numbers. Its ``run_id``
+is a hash of those options, so the same grid always maps to the same run
+directories (which makes re-running a grid idempotent) and a changed option
+never silently reuses an old result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from mixbench import UsageError
+from mixbench.data import get_dataset_info
+from mixbench.methods import get_method, list_methods
+
+# Options that change where and how fast a run goes, not its numbers.
+_NOT_IN_ID = ("device", "data_dir", "download", "compile")
+
+
+@dataclass
+class RunSpec:
+    method: str
+    dataset: str
+    seed: int = 0
+    method_params: Dict[str, Any] = field(default_factory=dict)
+    model: Optional[str] = None  # None: the data set's default
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    stem: str = "auto"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: Optional[float] = None
+    schedule: str = "cosine"  # cosine | multistep
+    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # multistep: fractions (<1) or epochs
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # on CUDA (ignored on CPU)
+    compile: bool = False
+    device: str = "auto"
+    data_dir: Optional[str] = None
+    download: bool = False
+
+    # -- construction ---------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "RunSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise UsageError(f"unknown run option(s) {', '.join(bad)}; valid: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    def resolved(self) -> "RunSpec":
+        """Fill unset options from the data set's defaults and check every value."""
+        info = get_dataset_info(self.dataset)
+        get_method(self.method)
+        spec = dataclasses.replace(self)
+        for key, value in info.defaults.items():
+            if getattr(spec, key) is None:
+                setattr(spec, key, value)
+        spec.method_params = {**get_method(self.method).default_params(), **self.method_params}
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        def positive(name: str, value, kind=int):
+            if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+                raise UsageError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+
+        positive("epochs", self.epochs)
+        positive("batch_size", self.batch_size)
+        positive("lr", float(self.lr), float)
+        if self.weight_decay < 0:
+            raise UsageError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.schedule not in ("cosine", "multistep"):
+            raise UsageError(f"unknown schedule {self.schedule!r}; choose from: cosine, multistep")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"unknown device {self.device!r}; choose from: auto, cpu, cuda, cuda:N")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise UsageError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs!r}")
+
+    # -- identity -------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> Dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_ID}
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+    def run_dir(self, out: Path) -> Path:
+        """``OUT/<dataset>/<model>/<method>/seed<seed>-<run_id>``."""
+        return Path(out) / self.dataset / str(self.model) / self.method / f"seed{self.seed}-{self.run_id}"
+
+
+def parse_methods(text: str) -> List[str]:
+    """``all`` or a comma-separated list of registered names."""
+    names = list_methods() if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise UsageError("--methods is empty; give 'all' or a comma-separated list")
+    for name in names:
+        get_method(name)
+    return names
+
+
+def parse_seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise UsageError(f"--seeds must be non-negative integers, got {text!r}")
+    return seeds
+
+
+def expand_grid(methods: Sequence[str], seeds: Sequence[int], **options: Any) -> List[RunSpec]:
+    """Methods x seeds, every cell resolved."""
+    return [RunSpec.from_dict({"method": m, "seed": s, **options}).resolved() for m in methods for s in seeds]

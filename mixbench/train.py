@@ -1,0 +1,280 @@
+"""The one training loop shared by every method.
+
+``train_run(spec, run_dir)`` trains one grid cell: data on the device, a timm
+model, the method's ``(logits, target)`` for each batch, soft-target
+cross-entropy, SGD with a per-step LR schedule, an evaluation after each epoch,
+a checkpoint after each epoch, and an atomic result.json at the end. Nothing
+here knows which method it runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import random
+import resource
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mixbench import UsageError
+from mixbench.checkpoint import CorruptCheckpoint, load_checkpoint, remove_checkpoint, save_checkpoint
+from mixbench.data import Dataset, DeviceLoader, load_dataset
+from mixbench.methods import create_method, soft_cross_entropy
+from mixbench.models import count_parameters, create_model
+from mixbench.results import (
+    SCHEMA_VERSION,
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_yaml,
+    environment_info,
+    read_jsonl,
+)
+from mixbench.spec import RunSpec
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; choose from: auto, cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+_DATA_CACHE: Dict[Tuple[str, str, bool], Dataset] = {}
+
+
+def get_data(spec: RunSpec) -> Dataset:
+    """Load a data set once per process (a grid trains many runs on the same data)."""
+    key = (spec.dataset, str(spec.data_dir), spec.download)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_dataset(spec.dataset, spec.data_dir, spec.download)
+    return _DATA_CACHE[key]
+
+
+def lr_factor(step: int, spec: RunSpec, steps_per_epoch: int) -> float:
+    """The LR multiplier at optimiser step ``step`` (linear warm-up, then cosine or multi-step)."""
+    total = spec.epochs * steps_per_epoch
+    warm = spec.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if spec.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    epoch = step / steps_per_epoch
+    milestones = [m * spec.epochs if m < 1 else m for m in spec.milestones]
+    return spec.gamma ** sum(epoch >= m for m in milestones)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, autocast) -> Dict[str, float]:
+    """Top-1, top-5 (percent) and mean cross-entropy on ``loader``."""
+    model.eval()
+    correct1 = correct5 = loss_sum = torch.zeros((), device=loader.device)
+    for x, y in loader:
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum = loss_sum + F.cross_entropy(logits, y, reduction="sum")
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        correct1 = correct1 + hits[:, 0].sum()
+        correct5 = correct5 + hits.any(dim=1).sum()
+    n = loader.num_samples
+    return {
+        "test_top1": 100.0 * correct1.item() / n,
+        "test_top5": 100.0 * correct5.item() / n,
+        "test_loss": loss_sum.item() / n,
+    }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Optional[str] = None) -> Dict[str, Any]:
+    """Train one run to completion (resuming from its checkpoint if there is one) and return result.json."""
+    spec = spec.resolved() if spec.epochs is None else spec
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(spec.device)
+    seed_everything(spec.seed)
+    data = get_data(spec)
+    info = data.info
+    cuda = device.type == "cuda"
+    channels_last = cuda and spec.channels_last
+
+    model = create_model(
+        spec.model, num_classes=info.num_classes, in_chans=info.in_chans, image_size=info.image_size,
+        stem=spec.stem, **spec.model_kwargs,
+    ).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if spec.compile else model
+
+    method = create_method(spec.method, **spec.method_params)
+    method.setup(seed=spec.seed, num_classes=info.num_classes, mean=info.mean, std=info.std)
+    train_loader = DeviceLoader(
+        data.train_x, data.train_y, batch_size=spec.batch_size, mean=info.mean, std=info.std, device=device,
+        train=True, crop_padding=info.crop_padding, flip=info.flip, seed=spec.seed, channels_last=channels_last,
+    )
+    test_loader = DeviceLoader(
+        data.test_x, data.test_y, batch_size=max(spec.batch_size, 256), mean=info.mean, std=info.std,
+        device=device, train=False, channels_last=channels_last,
+    )
+    if len(train_loader) == 0:
+        raise UsageError(f"batch_size {spec.batch_size} is larger than the training set ({len(data.train_y)} images)")
+    steps = len(train_loader)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+        weight_decay=spec.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, spec, steps))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and spec.amp else contextlib.nullcontext
+
+    # -- resume -----------------------------------------------------------------
+    start_epoch, best_top1, best_epoch, elapsed = 0, -1.0, -1, 0.0
+    metrics_path = run_dir / "metrics.jsonl"
+    try:
+        state = load_checkpoint(run_dir)
+    except CorruptCheckpoint as exc:
+        print(f"mixbench: {exc}; restarting {run_dir.name} from epoch 0", file=sys.stderr)
+        state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method"])
+        train_loader.load_state_dict(state["loader"])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if cuda and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start_epoch, best_top1, best_epoch, elapsed = (
+            state["epoch"], state["best_top1"], state["best_epoch"], state["elapsed"]
+        )
+    # Metrics of epochs after the checkpoint (a crash between the two writes) are dropped.
+    history = [m for m in read_jsonl(metrics_path) if m["epoch"] < start_epoch]
+    atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in history).encode())
+    atomic_write_yaml(run_dir / "spec.yaml", spec.to_dict())
+    if start_epoch:
+        print(f"mixbench: resuming {run_dir} from epoch {start_epoch}", file=sys.stderr)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    bar = tqdm(
+        total=spec.epochs * steps, initial=start_epoch * steps, desc=desc or spec.method, unit="step",
+        disable=not progress, leave=True, dynamic_ncols=True, file=sys.stderr,
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
+    )
+    try:
+        for epoch in range(start_epoch, spec.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for x, y in train_loader:
+                target = F.one_hot(y, info.num_classes).float()
+                if spec.label_smoothing:
+                    target = target * (1 - spec.label_smoothing) + spec.label_smoothing / info.num_classes
+                with autocast():
+                    out = method(forward, x, target)
+                    loss = soft_cross_entropy(out[0], out[1])
+                    if len(out) > 2:
+                        loss = loss + out[2]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach()
+                bar.update(1)
+            if cuda:
+                torch.cuda.synchronize(device)
+            train_time = time.perf_counter() - t0
+            train_loss = loss_sum.item() / steps
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"non-finite training loss ({train_loss}) in epoch {epoch}")
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                **evaluate(forward, test_loader, autocast),
+                "lr": optimizer.param_groups[0]["lr"],
+                "epoch_time_s": train_time,
+                "train_images_per_s": train_loader.num_samples / train_time,
+            }
+            elapsed += time.perf_counter() - t0
+            if record["test_top1"] > best_top1:
+                best_top1, best_epoch = record["test_top1"], epoch
+            append_jsonl(metrics_path, record)
+            history.append(record)
+            save_checkpoint(run_dir, {
+                "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch, "elapsed": elapsed,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "method": method.state_dict(),
+                "loader": train_loader.state_dict(),
+                "rng": {
+                    "python": random.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+                },
+            })
+            bar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{record['test_top1']:.2f}", refresh=False)
+    finally:
+        bar.close()
+        method.close()
+
+    final = history[-1]
+    last10 = [m["test_top1"] for m in history[-10:]]
+    epoch_times = [m["epoch_time_s"] for m in history]
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": spec.run_id,
+        "status": "complete",
+        "method": spec.method,
+        "method_params": spec.method_params,
+        "dataset": spec.dataset,
+        "model": spec.model,
+        "model_kwargs": spec.model_kwargs,
+        "num_params": count_parameters(model),
+        "seed": spec.seed,
+        "epochs": spec.epochs,
+        "final_top1": final["test_top1"],
+        "final_top5": final["test_top5"],
+        "final_test_loss": final["test_loss"],
+        "best_top1": best_top1,
+        "best_epoch": best_epoch,
+        "last10_median_top1": statistics.median(last10),
+        "wall_time_s": elapsed,
+        "epoch_time_s": statistics.median(epoch_times),
+        "train_images_per_s": statistics.median(m["train_images_per_s"] for m in history),
+        "peak_mem_mb": peak_memory_mb(device),
+        **environment_info(device),
+        "started_at": started,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "spec": spec.to_dict(),
+    }
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+    atomic_write_bytes(run_dir / "model.pt", weights.getvalue())
+    atomic_write_json(run_dir / "result.json", result)
+    remove_checkpoint(run_dir)
+    return result
