@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download the data set if it is missing")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("report", help="Markdown/LaTeX/CSV tables and plots from run directories")
+    p.add_argument("results", nargs="*", type=Path, metavar="RESULTS_DIR",
+                   help=f"folders searched for result.json (default: {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, help="report folder (default: FIRST_RESULTS_DIR/report)")
+    p.add_argument("--metric", default="final", help="top-1 rule: final, best or last10 (default: final)")
+    p.add_argument("--format", default="md,latex,csv", help="comma-separated: md, latex, csv (default: all)")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
     return parser
 
 
@@ -111,7 +119,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run}
+def cmd_report(args: argparse.Namespace) -> int:
+    from mixbench.report import parse_formats, parse_metric, write_report
+
+    metric, formats = parse_metric(args.metric), parse_formats(args.format)
+    roots = args.results or [DEFAULT_OUT]
+    out = args.out or roots[0] / "report"
+    report = write_report(roots, out, metric=metric, formats=formats, plots=not args.no_plots)
+    print(report["markdown"])
+    print(f"{len(report['runset'].runs)} complete runs, {len(report['runset'].problems)} incomplete or failed")
+    print(f"report in {out}:")
+    for path in report["files"]:
+        print(f"  {path}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,10 +1,50 @@
-"""Tables from result.json records."""
+"""Tables and plots from run directories.
+
+``mixbench report`` reads every ``result.json`` below the given folders into a
+pandas DataFrame (one row per run), groups the complete runs by column
+(dataset/model, plus the options that differ when several protocols share a
+dataset/model) and row (method, plus its hyper-parameters when one method was
+run with several settings), and writes
+
+- ``table.md``   a GitHub Markdown table;
+- ``table.tex``  a booktabs ``table`` environment with caption and label;
+- ``runs.csv``   one row per run (complete, incomplete and failed), tidy;
+- ``summary.csv`` one row per (column, row, quantity) with mean, std and n;
+- ``plots/``     PNG and PDF figures (see :mod:`mixbench.plots`).
+
+Runs that did not complete (``status`` other than ``complete``, or a run
+directory with ``metrics.jsonl``/``spec.yaml`` but no ``result.json``) are
+listed in the output and in the tables' notes, never averaged.
+"""
 from __future__ import annotations
 
+import json
+import math
+import re
 import statistics
-from typing import Any, Dict, List, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from mixbench import UsageError
+
+# --metric choice -> (result.json field, words for the caption)
+METRICS: Dict[str, Tuple[str, str]] = {
+    "final": ("final_top1", "at the final epoch"),
+    "best": ("best_top1", "at the best epoch"),
+    "last10": ("last10_median_top1", "as the median of the last 10 epochs"),
+}
+FORMATS = ("md", "latex", "csv")
+
+# Spec options that identify neither the protocol nor the cell (where and how fast a run went).
+_NOT_PROTOCOL = ("method", "method_params", "seed", "dataset", "model", "device", "data_dir", "download", "compile")
+# Eval metrics whose name matches this are better when lower.
+_LOWER_IS_BETTER = re.compile(r"(^|[._\-])(err|error|loss|nll|ece|mce|ce|drop)s?($|[._\-])", re.I)
 
 
+# ---------------------------------------------------------------------------
+# plain-text summary printed by `mixbench run`
+# ---------------------------------------------------------------------------
 def summary_table(results: Sequence[Dict[str, Any]], metric: str = "final_top1") -> str:
     """A plain-text table: method, runs, mean top-1 +- std, epoch time relative to vanilla."""
     by_method: Dict[str, List[Dict[str, Any]]] = {}
@@ -26,3 +66,535 @@ def summary_table(results: Sequence[Dict[str, Any]], metric: str = "final_top1")
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# argument parsing helpers
+# ---------------------------------------------------------------------------
+def parse_metric(text: str) -> str:
+    if text not in METRICS:
+        raise UsageError(f"unknown metric {text!r}; choose from: {', '.join(METRICS)}")
+    return text
+
+
+def parse_formats(text: str) -> List[str]:
+    names = [f.strip().lower() for f in text.split(",") if f.strip()]
+    names = ["latex" if f in ("tex",) else "md" if f == "markdown" else f for f in names]
+    if not names:
+        raise UsageError(f"--format is empty; choose from: {', '.join(FORMATS)}")
+    bad = [f for f in names if f not in FORMATS]
+    if bad:
+        raise UsageError(f"unknown format {bad[0]!r}; choose from: {', '.join(FORMATS)}")
+    return list(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+def flatten_eval(value: Any, prefix: str = "") -> Dict[str, float]:
+    """Scalar numbers of a nested ``eval`` record, keyed ``a.b.c``; lists, strings and bools are skipped."""
+    out: Dict[str, float] = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.update(flatten_eval(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and prefix:
+        if math.isfinite(float(value)):
+            out[prefix] = float(value)
+    return out
+
+
+def _protocol(result: Dict[str, Any]) -> Dict[str, Any]:
+    spec = result.get("spec") or {}
+    proto = {k: v for k, v in spec.items() if k not in _NOT_PROTOCOL}
+    if "epochs" in result and "epochs" not in proto:
+        proto["epochs"] = result["epochs"]
+    return proto
+
+
+def _read_spec(run_dir: Path) -> Dict[str, Any]:
+    import yaml
+
+    try:
+        with open(run_dir / "spec.yaml") as f:
+            return yaml.safe_load(f) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+
+
+@dataclass
+class RunSet:
+    """Every run found: ``runs`` (complete, one row each) and ``problems`` (not averaged)."""
+
+    runs: Any  # pandas.DataFrame
+    problems: List[Dict[str, Any]] = field(default_factory=list)
+    eval_keys: List[str] = field(default_factory=list)
+
+
+def load_runs(roots: Iterable[Path]) -> RunSet:
+    """Read every run below ``roots``. A missing folder or no run at all is a usage error."""
+    import pandas as pd
+
+    from mixbench.results import find_results, read_jsonl
+
+    roots = [Path(r) for r in roots]
+    for root in roots:
+        if not root.exists():
+            raise UsageError(f"results folder {str(root)!r} does not exist")
+    records: List[Dict[str, Any]] = []
+    problems: List[Dict[str, Any]] = []
+    seen: Dict[str, Path] = {}
+    result_dirs = set()
+    for path in find_results(roots):
+        run_dir = path.parent.resolve()
+        if run_dir in result_dirs:
+            continue
+        result_dirs.add(run_dir)
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            if not isinstance(r, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            problems.append({"run_dir": str(run_dir), "status": "unreadable", "reason": f"result.json: {exc}"})
+            continue
+        status = r.get("status", "unknown")
+        base = {"run_dir": str(run_dir), "method": r.get("method"), "dataset": r.get("dataset"),
+                "model": r.get("model"), "seed": r.get("seed"), "epochs": r.get("epochs")}
+        if status != "complete":
+            reason = r.get("error") or r.get("reason") or f"status {status!r}"
+            problems.append({**base, "status": str(status), "reason": str(reason)})
+            continue
+        missing = [k for k in ("method", "dataset", "model") if not r.get(k)]
+        if missing:
+            problems.append({**base, "status": "invalid", "reason": f"result.json lacks {', '.join(missing)}"})
+            continue
+        key = r.get("run_id")
+        if key is not None and key in seen:
+            problems.append({**base, "status": "duplicate", "reason": f"same run_id {key} as {seen[key]}"})
+            continue
+        if key is not None:
+            seen[key] = run_dir
+        ev = flatten_eval(r.get("eval") or {})
+        proto = _protocol(r)
+        records.append({
+            **base,
+            "status": "complete",
+            "run_id": key,
+            "final_top1": r.get("final_top1"),
+            "best_top1": r.get("best_top1"),
+            "last10_median_top1": r.get("last10_median_top1"),
+            "final_top5": r.get("final_top5"),
+            "epoch_time_s": r.get("epoch_time_s"),
+            "peak_mem_mb": r.get("peak_mem_mb"),
+            "wall_time_s": r.get("wall_time_s"),
+            "device": r.get("device"),
+            "git_commit": r.get("git_commit"),
+            "method_params": json.dumps(r.get("method_params") or {}, sort_keys=True),
+            "protocol": json.dumps(proto, sort_keys=True, default=str),
+            **{f"eval.{k}": v for k, v in ev.items()},
+        })
+    # Run directories that never wrote result.json: interrupted, crashed, or still running.
+    for root in roots:
+        candidates = set()
+        if root.is_dir():
+            candidates.update(p.parent.resolve() for p in root.rglob("metrics.jsonl"))
+            candidates.update(p.parent.resolve() for p in root.rglob("spec.yaml"))
+        for run_dir in sorted(candidates - result_dirs):
+            result_dirs.add(run_dir)
+            spec = _read_spec(run_dir)
+            done = len(read_jsonl(run_dir / "metrics.jsonl"))
+            epochs = spec.get("epochs")
+            problems.append({
+                "run_dir": str(run_dir), "method": spec.get("method"), "dataset": spec.get("dataset"),
+                "model": spec.get("model"), "seed": spec.get("seed"), "epochs": epochs,
+                "status": "incomplete",
+                "reason": f"no result.json ({done}/{epochs if epochs else '?'} epochs in metrics.jsonl)",
+            })
+    if not records and not problems:
+        raise UsageError(f"no results (result.json) found under {', '.join(str(r) for r in roots)}")
+    runs = pd.DataFrame.from_records(records)
+    eval_keys = sorted(c[len("eval."):] for c in runs.columns if c.startswith("eval."))
+    return RunSet(runs=runs, problems=problems, eval_keys=eval_keys)
+
+
+# ---------------------------------------------------------------------------
+# rows, columns, aggregation
+# ---------------------------------------------------------------------------
+def method_order(names: Iterable[str]) -> List[str]:
+    """Registered methods in registry order (vanilla first), then unknown ones alphabetically."""
+    from mixbench.methods import list_methods
+
+    names = set(n for n in names if n is not None)
+    registry = [m for m in list_methods() if m in names]
+    return registry + sorted(names - set(registry))
+
+
+def _differing(dicts: Sequence[Dict[str, Any]]) -> List[str]:
+    keys = sorted(set().union(*dicts)) if dicts else []
+    return [k for k in keys if len({json.dumps(d.get(k), sort_keys=True, default=str) for d in dicts}) > 1]
+
+
+def _suffix(d: Dict[str, Any], keys: Sequence[str]) -> str:
+    parts = []
+    for k in keys:
+        v = d.get(k)
+        parts.append(f"{k}={json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+    return ", ".join(parts)
+
+
+def label_runs(runs):
+    """Add ``row`` (method label), ``column`` (dataset/model label) and ``vanilla_row`` to ``runs``."""
+    runs = runs.copy()
+    runs["row"] = runs["method"]
+    for method, sub in runs.groupby("method", sort=False):
+        params = sub["method_params"].unique()
+        if len(params) > 1:
+            dicts = {p: json.loads(p) for p in params}
+            keys = _differing(list(dicts.values()))
+            for p, d in dicts.items():
+                runs.loc[(runs["method"] == method) & (runs["method_params"] == p), "row"] = (
+                    f"{method} ({_suffix(d, keys)})"
+                )
+    runs["column"] = runs["dataset"] + "/" + runs["model"]
+    for col, sub in runs.groupby("column", sort=False):
+        protos = sub["protocol"].unique()
+        if len(protos) > 1:
+            dicts = {p: json.loads(p) for p in protos}
+            keys = _differing(list(dicts.values()))
+            for p, d in dicts.items():
+                runs.loc[(runs["column"] == col) & (runs["protocol"] == p), "column"] = f"{col} ({_suffix(d, keys)})"
+    return runs
+
+
+def row_order(runs) -> List[str]:
+    order = {m: i for i, m in enumerate(method_order(runs["method"].unique()))}
+    pairs = runs[["row", "method"]].drop_duplicates()
+    return [r for r, _ in sorted(zip(pairs["row"], pairs["method"]), key=lambda t: (order[t[1]], t[0]))]
+
+
+def column_order(runs) -> List[str]:
+    return sorted(runs["column"].unique())
+
+
+def aggregate(runs, metric: str = "final"):
+    """One row per (column, row, quantity): mean, std (ddof 1; NaN for one run), n.
+
+    Quantities: the chosen top-1 metric (``top1``), ``epoch_time_s``, ``epoch_time_rel``
+    (each run's median epoch time over the mean of vanilla's in the same column),
+    ``peak_mem_mb`` and every ``eval.*`` metric.
+    """
+    import pandas as pd
+
+    field_name = METRICS[metric][0]
+    runs = runs.copy()
+    runs["top1"] = pd.to_numeric(runs[field_name], errors="coerce")
+    runs["epoch_time_rel"] = float("nan")
+    for col, sub in runs.groupby("column"):
+        base = sub.loc[sub["method"] == "vanilla", "epoch_time_s"].astype(float).mean()
+        if base and base > 0 and math.isfinite(base):
+            runs.loc[sub.index, "epoch_time_rel"] = sub["epoch_time_s"].astype(float) / base
+    quantities = ["top1", "epoch_time_s", "epoch_time_rel", "peak_mem_mb"] + [
+        c for c in runs.columns if c.startswith("eval.")
+    ]
+    long = runs.melt(
+        id_vars=["column", "row", "method", "dataset", "model", "seed"], value_vars=quantities,
+        var_name="quantity", value_name="value",
+    )
+    long["value"] = pd.to_numeric(long["value"], errors="coerce")
+    long = long.dropna(subset=["value"])
+    agg = (
+        long.groupby(["column", "dataset", "model", "row", "method", "quantity"], sort=False)["value"]
+        .agg(mean="mean", std="std", n="count")
+        .reset_index()
+    )
+    agg["metric"] = metric
+    return agg
+
+
+# ---------------------------------------------------------------------------
+# the table model shared by Markdown and LaTeX
+# ---------------------------------------------------------------------------
+@dataclass
+class Column:
+    group: str  # dataset/model label
+    quantity: str  # key in the aggregate
+    title: str  # plain-text header
+    latex_title: str
+    better: Optional[str]  # "max", "min" or None (no highlighting)
+    decimals: int
+    with_std: bool
+
+
+@dataclass
+class Table:
+    rows: List[str]
+    columns: List[Column]
+    cells: Dict[Tuple[str, int], Tuple[float, float, int]]  # (row, column index) -> (mean, std, n)
+    rank: Dict[Tuple[str, int], int]  # 1 best, 2 second best
+    caption: str
+    latex_caption: str
+    label: str
+    problems: List[Dict[str, Any]]
+    notes: List[Tuple[str, str]]  # (plain text, LaTeX)
+
+
+def _eval_better(key: str) -> str:
+    return "min" if _LOWER_IS_BETTER.search(key) else "max"
+
+
+def build_table(runset: RunSet, metric: str = "final") -> Table:
+    runs = label_runs(runset.runs)
+    agg = aggregate(runs, metric)
+    rows, groups = row_order(runs), column_order(runs)
+    index = {(c, r, q): (m, s, int(n)) for c, r, q, m, s, n in
+             agg[["column", "row", "quantity", "mean", "std", "n"]].itertuples(index=False)}
+    present = {(c, q) for c, _, q in index}
+
+    columns: List[Column] = []
+    for g in groups:
+        columns.append(Column(g, "top1", "top-1 (%)", r"top-1 (\%)", "max", 2, True))
+        if (g, "epoch_time_rel") in present:
+            columns.append(Column(g, "epoch_time_rel", "epoch time (× vanilla)",
+                                  r"epoch time ($\times$ vanilla)", None, 2, False))
+        elif (g, "epoch_time_s") in present:
+            columns.append(Column(g, "epoch_time_s", "epoch time (s)", "epoch time (s)", None, 2, False))
+        if (g, "peak_mem_mb") in present:
+            columns.append(Column(g, "peak_mem_mb", "peak mem (MB)", "peak mem (MB)", None, 0, False))
+        for key in runset.eval_keys:
+            if (g, f"eval.{key}") in present:
+                arrow = "↓" if _eval_better(key) == "min" else "↑"
+                larrow = r"$\downarrow$" if _eval_better(key) == "min" else r"$\uparrow$"
+                columns.append(Column(g, f"eval.{key}", f"{key} {arrow}", f"{latex_escape(key)} {larrow}",
+                                      _eval_better(key), 2, True))
+
+    cells: Dict[Tuple[str, int], Tuple[float, float, int]] = {}
+    for j, col in enumerate(columns):
+        for r in rows:
+            if (col.group, r, col.quantity) in index:
+                cells[(r, j)] = index[(col.group, r, col.quantity)]
+    rank: Dict[Tuple[str, int], int] = {}
+    for j, col in enumerate(columns):
+        if not col.better:
+            continue
+        vals = {r: round(cells[(r, j)][0], col.decimals) for r in rows if (r, j) in cells}
+        if len(vals) < 2:
+            continue
+        distinct = sorted(set(vals.values()), reverse=col.better == "max")
+        for r, v in vals.items():
+            if v == distinct[0]:
+                rank[(r, j)] = 1
+            elif len(vals) > 2 and len(distinct) > 1 and v == distinct[1]:
+                rank[(r, j)] = 2
+
+    what = METRICS[metric][1]
+    has_time = any(c.quantity == "epoch_time_rel" for c in columns)
+    has_mem = any(c.quantity == "peak_mem_mb" for c in columns)
+    has_eval = any(c.quantity.startswith("eval.") for c in columns)
+    notes: List[Tuple[str, str]] = []  # (plain text, LaTeX)
+    if has_time:
+        t = "epoch time: median training time per epoch, mean over seeds, relative to vanilla"
+        notes.append((t, t))
+    if has_mem:
+        t = "peak mem: peak CUDA memory allocated (GPU) or peak process RSS (CPU)"
+        notes.append((t, t))
+    if has_eval:
+        notes.append(("robustness metrics from each run's evaluation (↑ higher is better, ↓ lower is better)",
+                      r"robustness metrics from each run's evaluation ($\uparrow$ higher is better, "
+                      r"$\downarrow$ lower is better)"))
+    excluded = f" {len(runset.problems)} incomplete or failed run(s) excluded." if runset.problems else ""
+    caption = (
+        f"Test top-1 accuracy (%) {what} (metric: {metric}); mean ± std over seeds, "
+        f"number of seeds in parentheses. Best per column in bold.{excluded}"
+    )
+    latex_caption = (
+        f"Test top-1 accuracy (\\%) {what} (metric: {metric}); mean $\\pm$ std over seeds, "
+        f"number of seeds in parentheses. Best per column in bold, second best underlined.{excluded}"
+    )
+    return Table(rows, columns, cells, rank, caption, latex_caption, f"tab:mixbench-{metric}",
+                 runset.problems, notes)
+
+
+def _fmt(mean: float, std: float, n: int, col: Column) -> Tuple[str, str]:
+    """(number part, n part) of a cell, plain text."""
+    d = col.decimals
+    if col.quantity == "epoch_time_rel":
+        return f"{mean:.{d}f}×", ""
+    if not col.with_std:
+        return f"{mean:.{d}f}", ""
+    if n > 1 and std == std:  # std is NaN for one run
+        return f"{mean:.{d}f} ± {std:.{d}f}", f"({n})"
+    return f"{mean:.{d}f}", f"({n})"
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def to_markdown(table: Table) -> str:
+    groups = list(dict.fromkeys(c.group for c in table.columns))
+    multi = len(groups) > 1
+
+    def header(c: Column) -> str:
+        return f"{c.group} {c.title}" if c.quantity == "top1" or multi else c.title
+
+    lines = [f"**{table.caption}**", ""]
+    lines.append("| method | " + " | ".join(_md_escape(header(c)) for c in table.columns) + " |")
+    lines.append("|:--|" + "|".join("--:" for _ in table.columns) + "|")
+    for r in table.rows:
+        cells = []
+        for j, c in enumerate(table.columns):
+            if (r, j) not in table.cells:
+                cells.append("–")
+                continue
+            num, n = _fmt(*table.cells[(r, j)], c)
+            if table.rank.get((r, j)) == 1:
+                num = f"**{num}**"
+            cells.append(f"{num} {n}".strip())
+        lines.append(f"| {_md_escape(r)} | " + " | ".join(cells) + " |")
+    if table.notes:
+        lines.append("")
+        lines.extend(f"- {plain}" for plain, _ in table.notes)
+    lines.extend(_problem_lines(table.problems, "md"))
+    return "\n".join(lines) + "\n"
+
+
+def _problem_lines(problems: List[Dict[str, Any]], fmt: str) -> List[str]:
+    if not problems:
+        return []
+    prefix = "% " if fmt == "latex" else ""
+    bullet = "- " if fmt == "md" else "  "
+    out = ["", f"{prefix}Incomplete or failed runs (not averaged):"]
+    for p in problems:
+        out.append(f"{prefix}{bullet}{p['run_dir']}: {p['status']} ({p.get('reason', '')})")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# LaTeX
+# ---------------------------------------------------------------------------
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def to_latex(table: Table) -> str:
+    groups = list(dict.fromkeys(c.group for c in table.columns))
+    spans = [(g, [j for j, c in enumerate(table.columns) if c.group == g]) for g in groups]
+    lines = [
+        "% Generated by `mixbench report`; needs \\usepackage{booktabs} in the preamble.",
+        r"\begin{table}[t]",
+        r"  \centering",
+        f"  \\caption{{{table.latex_caption}}}",
+        f"  \\label{{{table.label}}}",
+        f"  \\begin{{tabular}}{{l{'c' * len(table.columns)}}}",
+        r"    \toprule",
+    ]
+    head = ["Method"] + [
+        f"\\multicolumn{{{len(js)}}}{{c}}{{{latex_escape(g)}}}" if len(js) > 1 else latex_escape(g)
+        for g, js in spans
+    ]
+    lines.append("    " + " & ".join(head) + r" \\")
+    rules = " ".join(f"\\cmidrule(lr){{{js[0] + 2}-{js[-1] + 2}}}" for _, js in spans)
+    lines.append("    " + rules)
+    lines.append("    " + " & ".join([""] + [c.latex_title for c in table.columns]) + r" \\")
+    lines.append(r"    \midrule")
+    for r in table.rows:
+        cells = [latex_escape(r)]
+        for j, c in enumerate(table.columns):
+            if (r, j) not in table.cells:
+                cells.append("--")
+                continue
+            num, n = _fmt(*table.cells[(r, j)], c)
+            num = latex_escape(num).replace("±", r"$\pm$").replace("×", r"$\times$")
+            rank = table.rank.get((r, j))
+            if rank == 1:
+                num = f"\\textbf{{{num}}}"
+            elif rank == 2:
+                num = f"\\underline{{{num}}}"
+            cells.append(f"{num} {{\\scriptsize {n}}}" if n else num)
+        lines.append("    " + " & ".join(cells) + r" \\")
+    lines += [r"    \bottomrule", r"  \end{tabular}"]
+    if table.notes:
+        notes = "; ".join(tex for _, tex in table.notes)
+        lines += [r"  \par\smallskip", f"  {{\\footnotesize {notes}.}}"]
+    lines.append(r"\end{table}")
+    lines.extend(_problem_lines(table.problems, "latex"))
+    return "\n".join(lines) + "\n"
+
+
+def latex_document(table_tex: str) -> str:
+    """A minimal standalone document around a table, for compiling it."""
+    return (
+        "\\documentclass{article}\n\\usepackage{booktabs}\n"
+        "\\usepackage[margin=1cm,landscape]{geometry}\n\\begin{document}\n"
+        + table_tex + "\\end{document}\n"
+    )
+
+
+# ---------------------------------------------------------------------------
+# the whole report
+# ---------------------------------------------------------------------------
+def runs_frame(runset: RunSet):
+    """Tidy per-run rows: complete runs and the problems, with a status column."""
+    import pandas as pd
+
+    frames = [label_runs(runset.runs)] if len(runset.runs) else []
+    if runset.problems:
+        frames.append(pd.DataFrame.from_records(runset.problems))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    first = [c for c in ("dataset", "model", "column", "method", "row", "seed", "status", "run_id",
+                         "final_top1", "best_top1", "last10_median_top1", "final_top5",
+                         "epoch_time_s", "peak_mem_mb", "wall_time_s", "epochs") if c in df.columns]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def write_report(
+    roots: Sequence[Path],
+    out: Path,
+    *,
+    metric: str = "final",
+    formats: Sequence[str] = FORMATS,
+    plots: bool = True,
+) -> Dict[str, Any]:
+    """Write the tables (and plots) for every run below ``roots`` into ``out``.
+
+    Returns ``{"files": [...], "table": Table, "runset": RunSet, "markdown": str}``.
+    """
+    parse_metric(metric)
+    runset = load_runs(roots)
+    if not len(runset.runs):
+        p = runset.problems[0]
+        raise UsageError(
+            f"no complete runs under {', '.join(str(r) for r in roots)}: {len(runset.problems)} incomplete or "
+            f"failed (e.g. {p['run_dir']}: {p['status']})"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: List[Path] = []
+    table = build_table(runset, metric)
+    markdown = to_markdown(table)
+    if "md" in formats:
+        (out / "table.md").write_text(markdown)
+        files.append(out / "table.md")
+    if "latex" in formats:
+        (out / "table.tex").write_text(to_latex(table))
+        files.append(out / "table.tex")
+    if "csv" in formats:
+        runs_frame(runset).to_csv(out / "runs.csv", index=False)
+        files.append(out / "runs.csv")
+        aggregate(label_runs(runset.runs), metric).to_csv(out / "summary.csv", index=False)
+        files.append(out / "summary.csv")
+    if plots:
+        from mixbench.plots import write_plots
+
+        files.extend(write_plots(label_runs(runset.runs), out / "plots", metric=metric,
+                                 rows=table.rows, eval_keys=runset.eval_keys))
+    return {"files": files, "table": table, "runset": runset, "markdown": markdown}

@@ -1,0 +1,300 @@
+"""`mixbench report`: aggregation, highlighting, captions, LaTeX validity, plots, failed runs, errors."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mixbench import UsageError
+from mixbench.cli import main
+from mixbench.report import (
+    build_table,
+    latex_document,
+    latex_escape,
+    load_runs,
+    summary_table,
+    to_latex,
+    to_markdown,
+    write_report,
+)
+
+SPEC = {"epochs": 3, "batch_size": 64, "lr": 0.1, "schedule": "cosine", "model_kwargs": {}}
+
+
+def make_run(root: Path, method: str, seed: int, final: float, *, best=None, last10=None, time_s=1.0,
+             mem=100.0, status="complete", dataset="digits", model="net", params=None, eval_=None,
+             curve=None, spec=None, write_result=True):
+    """A run directory as the harness writes it: metrics.jsonl, spec.yaml and (usually) result.json."""
+    spec = {**SPEC, **(spec or {}), "method": method, "seed": seed, "dataset": dataset, "model": model,
+            "method_params": params or {}}
+    run_id = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    run_dir = root / dataset / model / method / f"seed{seed}-{run_id}"
+    run_dir.mkdir(parents=True)
+    curve = curve if curve is not None else [final - 20.0, final - 5.0, final]
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for epoch, top1 in enumerate(curve):
+            f.write(json.dumps({"epoch": epoch, "test_top1": top1, "epoch_time_s": time_s}) + "\n")
+    (run_dir / "spec.yaml").write_text(json.dumps(spec))  # JSON is valid YAML
+    if write_result:
+        result = {
+            "schema_version": 1, "run_id": run_id, "status": status, "method": method,
+            "method_params": params or {}, "dataset": dataset, "model": model, "seed": seed, "epochs": 3,
+            "final_top1": final, "best_top1": final if best is None else best,
+            "last10_median_top1": final if last10 is None else last10, "final_top5": 100.0,
+            "epoch_time_s": time_s, "peak_mem_mb": mem, "wall_time_s": 3 * time_s, "spec": spec,
+        }
+        if eval_ is not None:
+            result["eval"] = eval_
+        (run_dir / "result.json").write_text(json.dumps(result))
+    return run_dir
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "runs"
+    for seed, acc in enumerate([90.0, 92.0, 94.0]):
+        make_run(root, "vanilla", seed, acc, best=acc + 1, last10=acc - 1, time_s=1.0)
+    for seed, acc in enumerate([95.0, 96.0]):
+        make_run(root, "mixup", seed, acc, best=acc + 0.5, last10=80.0, time_s=1.5)
+    for seed, acc in enumerate([93.0, 93.5]):
+        make_run(root, "cutmix", seed, acc, best=99.0, last10=81.0, time_s=2.0)
+    return root
+
+
+def md_row(md: str, method: str) -> list:
+    for line in md.splitlines():
+        if line.startswith(f"| {method} |"):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no row {method!r} in\n{md}")
+
+
+def test_aggregation_mean_std_n(results):
+    runset = load_runs([results])
+    table = build_table(runset, "final")
+    assert table.rows == ["vanilla", "mixup", "cutmix"]
+    top1 = next(j for j, c in enumerate(table.columns) if c.quantity == "top1")
+    mean, std, n = table.cells[("vanilla", top1)]
+    assert (mean, std, n) == (pytest.approx(92.0), pytest.approx(2.0), 3)
+    mean, std, n = table.cells[("mixup", top1)]
+    assert (mean, round(std, 4), n) == (pytest.approx(95.5), 0.7071, 2)
+    md = to_markdown(table)
+    assert md_row(md, "vanilla")[1] == "92.00 ± 2.00 (3)"
+    assert md_row(md, "cutmix")[1] == "93.25 ± 0.35 (2)"
+    # epoch time relative to vanilla's mean, and peak memory, as extra columns
+    assert md_row(md, "mixup")[2] == "1.50×" and md_row(md, "cutmix")[2] == "2.00×"
+    assert md_row(md, "vanilla")[3] == "100"
+    assert "| method | digits/net top-1 (%) | epoch time (× vanilla) | peak mem (MB) |" in md
+
+
+def test_best_in_bold_and_second_underlined(results):
+    table = build_table(load_runs([results]), "final")
+    md = to_markdown(table)
+    assert md_row(md, "mixup")[1] == "**95.50 ± 0.71** (2)"
+    assert md.count("**") == 2 + 2  # the caption line and the one best cell
+    tex = to_latex(table)
+    assert r"mixup & \textbf{95.50 $\pm$ 0.71} {\scriptsize (2)}" in tex
+    assert r"cutmix & \underline{93.25 $\pm$ 0.35} {\scriptsize (2)}" in tex
+    assert tex.count(r"\textbf{") == 1 and tex.count(r"\underline{") == 1
+
+
+@pytest.mark.parametrize("metric,words,vanilla_cell", [
+    ("final", "at the final epoch", "**"),
+    ("best", "at the best epoch", "93.00 ± 2.00 (3)"),
+    ("last10", "median of the last 10 epochs", "**91.00 ± 2.00** (3)"),
+])
+def test_caption_names_the_metric_and_cells_use_it(results, metric, words, vanilla_cell):
+    table = build_table(load_runs([results]), metric)
+    md, tex = to_markdown(table), to_latex(table)
+    assert f"(metric: {metric})" in md.splitlines()[0] and words in md.splitlines()[0]
+    caption = re.search(r"\\caption\{(.*)\}\n", tex).group(1)
+    assert f"(metric: {metric})" in caption and words in caption
+    assert f"\\label{{tab:mixbench-{metric}}}" in tex
+    if metric == "final":
+        assert not md_row(md, "vanilla")[1].startswith("**")
+    else:
+        assert md_row(md, "vanilla")[1] == vanilla_cell
+    if metric == "best":
+        assert md_row(md, "cutmix")[1] == "**99.00 ± 0.00** (2)"
+
+
+def check_latex_balanced(tex: str) -> None:
+    stack = []
+    for kind, env in re.findall(r"\\(begin|end)\{([^}]*)\}", tex):
+        if kind == "begin":
+            stack.append(env)
+        else:
+            assert stack and stack.pop() == env, f"\\end{{{env}}} does not close the open environment"
+    assert not stack, f"unclosed environments: {stack}"
+    body = "\n".join(line.split("%")[0] if not line.lstrip().startswith("%") else "" for line in
+                     re.sub(r"\\[%{}_&$#]", "", tex).splitlines())
+    depth = 0
+    for ch in body:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0, "a } closes nothing"
+    assert depth == 0, "unbalanced braces"
+    assert body.count("$") % 2 == 0, "unbalanced math shifts"
+    assert "_" not in body, "unescaped underscore"
+    ncols = len(body.split(r"\begin{tabular}{")[1].split("}")[0])
+    for line in body.splitlines():
+        if line.strip().endswith(r"\\"):  # every row spans exactly the tabular's columns
+            cells = line.strip()[:-2].split("&")
+            spans = [int(m.group(1)) if (m := re.search(r"\\multicolumn\{(\d+)\}", c)) else 1 for c in cells]
+            assert sum(spans) == ncols, line
+
+
+def two_dataset_results(tmp_path):
+    root = tmp_path / "multi"
+    for ds, model in (("digits", "pre_act_w16"), ("cifar_100", "wide_resnet")):
+        for seed in (0, 1):
+            make_run(root, "vanilla", seed, 90.0 + seed, dataset=ds, model=model,
+                     eval_={"fgsm": {"top1": 30.0 + seed}, "corruption": {"mce": 70.0}})
+            make_run(root, "mixup", seed, 91.0 + seed, dataset=ds, model=model, time_s=1.2,
+                     eval_={"fgsm": {"top1": 40.0}, "corruption": {"mce": 60.0}, "curve": [1, 2], "ok": True})
+    return root
+
+
+def test_latex_environments_braces_and_escapes(results, tmp_path):
+    check_latex_balanced(to_latex(build_table(load_runs([results]), "final")))
+    tex = to_latex(build_table(load_runs([two_dataset_results(tmp_path)]), "best"))
+    check_latex_balanced(tex)
+    assert r"\multicolumn{5}{c}{cifar\_100/wide\_resnet}" in tex
+    assert r"\cmidrule(lr){2-6} \cmidrule(lr){7-11}" in tex
+    assert r"\underline" not in tex  # with two methods, second best is also the worst: not marked
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert latex_escape("a_b & 50% #1 {x} $") == r"a\_b \& 50\% \#1 \{x\} \$"
+
+
+@pytest.mark.skipif(not (shutil.which("pdflatex") or shutil.which("lualatex")), reason="no LaTeX engine installed")
+def test_latex_compiles(tmp_path):
+    tex = to_latex(build_table(load_runs([two_dataset_results(tmp_path)]), "final"))
+    doc = tmp_path / "doc.tex"
+    doc.write_text(latex_document(tex))
+    engine = shutil.which("pdflatex") or shutil.which("lualatex")
+    proc = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+def test_eval_metrics_become_columns_with_direction(tmp_path):
+    table = build_table(load_runs([two_dataset_results(tmp_path)]), "final")
+    md = to_markdown(table)
+    header = md.splitlines()[2]
+    assert "cifar_100/wide_resnet fgsm.top1 ↑" in header and "digits/pre_act_w16 corruption.mce ↓" in header
+    assert "curve" not in header and ".ok" not in header  # lists and bools are not metrics
+    row_v, row_m = md_row(md, "vanilla"), md_row(md, "mixup")
+    names = [c.strip() for c in header.strip("|").split("|")]
+    fgsm, mce = names.index("digits/pre_act_w16 fgsm.top1 ↑"), names.index("digits/pre_act_w16 corruption.mce ↓")
+    assert row_m[fgsm] == "**40.00 ± 0.00** (2)" and row_v[fgsm] == "30.50 ± 0.71 (2)"
+    assert row_m[mce] == "**60.00 ± 0.00** (2)" and row_v[mce] == "70.00 ± 0.00 (2)"  # lower is better
+
+
+def test_unknown_methods_after_registry_alphabetically_and_variants(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "zeta_mix", 0, 80.0)
+    make_run(root, "cutmix", 0, 81.0)
+    make_run(root, "alpha_mix", 0, 82.0)
+    make_run(root, "vanilla", 0, 83.0)
+    make_run(root, "mixup", 0, 84.0, params={"alpha": 1.0})
+    make_run(root, "mixup", 1, 85.0, params={"alpha": 0.2})
+    table = build_table(load_runs([root]), "final")
+    assert table.rows == ["vanilla", "mixup (alpha=0.2)", "mixup (alpha=1.0)", "cutmix", "alpha_mix", "zeta_mix"]
+    md = to_markdown(table)
+    assert md_row(md, "zeta_mix")[1] == "80.00 (1)"  # one seed: no std
+
+
+def test_failed_and_incomplete_runs_are_listed_not_averaged(results, tmp_path):
+    failed = make_run(results, "mixup", 7, 10.0, status="failed")
+    partial = make_run(results, "cutmix", 9, 0.0, curve=[50.0], write_result=False)
+    out = tmp_path / "report"
+    report = write_report([results], out, formats=["md", "latex", "csv"], plots=False)
+    assert len(report["runset"].problems) == 2
+    md = (out / "table.md").read_text()
+    assert md_row(md, "mixup")[1] == "**95.50 ± 0.71** (2)"  # the failed 10% run is not in the mean
+    assert "Incomplete or failed runs (not averaged):" in md
+    assert f"- {failed.resolve()}: failed" in md
+    assert f"- {partial.resolve()}: incomplete (no result.json (1/3 epochs in metrics.jsonl))" in md
+    assert "2 incomplete or failed run(s) excluded" in md.splitlines()[0]
+    tex = (out / "table.tex").read_text()
+    check_latex_balanced(tex)
+    assert f"% - {failed.resolve()}: failed" not in tex and f"%   {failed.resolve()}: failed" in tex
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9
+    assert sorted(r["status"] for r in rows if r["status"] != "complete") == ["failed", "incomplete"]
+    with open(out / "summary.csv") as f:
+        summary = {(r["row"], r["quantity"]): r for r in csv.DictReader(f)}
+    assert summary[("mixup", "top1")]["n"] == "2" and float(summary[("mixup", "top1")]["mean"]) == 95.5
+    assert float(summary[("vanilla", "top1")]["std"]) == pytest.approx(2.0)
+
+
+def test_duplicate_copies_of_a_run_count_once(results, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(results / "digits" / "net" / "vanilla", copy)
+    runset = load_runs([results, copy])
+    assert len(runset.runs) == 7 and [p["status"] for p in runset.problems] == ["duplicate"] * 3
+    mean, std, n = build_table(runset, "final").cells[("vanilla", 0)]
+    assert n == 3
+
+
+def test_plots_are_written_and_non_empty(tmp_path):
+    root = two_dataset_results(tmp_path)
+    report = write_report([root], tmp_path / "rep", formats=["md"])
+    plots = {p.name: p for p in report["files"] if p.parent.name == "plots"}
+    for stem in ("top1_per_epoch", "top1_final", "epoch_time", "robustness"):
+        png, pdf = plots[f"{stem}.png"], plots[f"{stem}.pdf"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, stem
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 2_000, stem
+
+
+def test_method_colours_follow_the_registry():
+    from mixbench.methods import list_methods
+    from mixbench.plots import method_colors
+
+    a = method_colors(["cutmix", "vanilla"])
+    b = method_colors(["vanilla", "mixup", "cutmix", "my_mix"])
+    assert a["cutmix"] == b["cutmix"] and a["vanilla"] == b["vanilla"]
+    assert len(set(b.values())) == 4
+    assert list_methods()[0] == "vanilla"
+
+
+def test_cli_report_writes_files_and_says_where(results, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["report", str(results), "--out", str(out), "--metric", "best", "--format", "md,csv",
+                 "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report in {out}:" in printed and str(out / "table.md") in printed
+    assert (out / "table.md").exists() and (out / "runs.csv").exists() and not (out / "table.tex").exists()
+    assert "7 complete runs, 0 incomplete or failed" in printed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["report", "{empty}"], "no results (result.json) found under"),
+    (["report", "{missing}"], "does not exist"),
+    (["report", "{results}", "--metric", "median"], "unknown metric 'median'; choose from: final, best, last10"),
+    (["report", "{results}", "--format", "md,html"], "unknown format 'html'; choose from: md, latex, csv"),
+])
+def test_cli_errors_are_one_line_exit_2(results, tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    paths = {"empty": tmp_path / "empty", "missing": tmp_path / "nope", "results": results}
+    assert main([a.format(**paths) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("mixbench: error: ")
+
+
+def test_only_failed_runs_is_an_error(tmp_path):
+    make_run(tmp_path / "r", "vanilla", 0, 1.0, status="failed")
+    with pytest.raises(UsageError, match="no complete runs under .*1 incomplete or failed"):
+        write_report([tmp_path / "r"], tmp_path / "out", plots=False)
+
+
+def test_summary_table_for_run_still_works(results):
+    runs = [json.loads(p.read_text()) for p in sorted(results.rglob("result.json"))]
+    text = summary_table(runs)
+    assert "vanilla" in text and "92.00 +- 2.00" in text and "1.50x" in text
