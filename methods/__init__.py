@@ -21,6 +21,8 @@ from ._registry import MixMethod, create_method, get_method, list_methods, regis
 from . import vanilla  # noqa: F401,E402
 from . import mixup  # noqa: F401,E402
 from . import cutmix  # noqa: F401,E402
+from . import manifold_mixup  # noqa: F401,E402
+from . import catchup_mix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",
