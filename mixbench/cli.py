@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download the data set if it is missing")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--eval", help="evaluation suites to run after training: 'all' or a comma-separated list "
+                   "(see `mixbench evaluate`)")
 
     p = sub.add_parser("report", help="Markdown/LaTeX/CSV tables and plots from run directories")
     p.add_argument("results", nargs="*", type=Path, metavar="RESULTS_DIR",
@@ -65,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="final", help="top-1 rule: final, best or last10 (default: final)")
     p.add_argument("--format", default="md,latex,csv", help="comma-separated: md, latex, csv (default: all)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+
+    p = sub.add_parser("evaluate", help="run evaluation suites on finished runs (merged into result.json 'eval')")
+    p.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR|RESULTS_DIR")
+    p.add_argument("--suite", default="all", help="'all' or a comma-separated list of: adversarial, corruption, "
+                   "deformation, feature_removal, filter_usage, calibration, loss_landscape (default: all)")
+    p.add_argument("--max-samples", type=_positive_int, help="a fixed random subset of this many test "
+                   "(and, for loss_landscape, training) images (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the suites (default: 0)")
+    p.add_argument("--set", action="append", metavar="SUITE.KEY=VALUE",
+                   help="a suite option, e.g. adversarial.eps=0.0157 or corruption.severities=[3] (repeatable)")
+    p.add_argument("--cache-dir", type=Path, help="corrupted-image cache (default: DATA_DIR/corrupted/DATASET)")
     return parser
 
 
@@ -107,6 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key in ("model", "epochs", "batch_size", "lr", "weight_decay", "schedule"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
+    if args.eval:
+        from mixbench.evaluate import parse_suites
+
+        options["eval"] = parse_suites(args.eval)
     specs = expand_grid(methods, seeds, **options)
     if specs:
         from mixbench.models import resolve_model_name
@@ -135,6 +154,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mixbench.evaluate import run_cli
+
+    return run_cli(args)
+
+
+COMMANDS["evaluate"] = cmd_evaluate
 
 
 def main(argv: Optional[List[str]] = None) -> int:

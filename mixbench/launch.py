@@ -20,6 +20,10 @@ def run_local(specs: Sequence[RunSpec], out: Path, *, progress: bool = True) -> 
         if is_complete(run_dir):
             print(f"{label}: already complete in {run_dir}, skipped", file=sys.stderr)
             results.append(read_result(run_dir))
-            continue
-        results.append(train_run(spec, run_dir, progress=progress, desc=label))
+        else:
+            results.append(train_run(spec, run_dir, progress=progress, desc=label))
+        if spec.eval:  # suites requested with the run (--eval); only those not yet in result.json run
+            from mixbench.evaluate import ensure_evaluated
+
+            results[-1] = ensure_evaluated(run_dir, spec.eval, device=spec.device)
     return results

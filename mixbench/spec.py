@@ -19,7 +19,7 @@ from mixbench.data import get_dataset_info
 from mixbench.methods import get_method, list_methods
 
 # Options that change where and how fast a run goes, not its numbers.
-_NOT_IN_ID = ("device", "data_dir", "download", "compile")
+_NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class RunSpec:
     device: str = "auto"
     data_dir: Optional[str] = None
     download: bool = False
+    eval: List[str] = field(default_factory=list)  # evaluation suites to run after training
 
     # -- construction ---------------------------------------------------
     @classmethod
