@@ -27,19 +27,21 @@ box). At a hidden point with activations ``h`` of shape (N, C, H, W),
 - relative filter influence ``RFI_i = influence_i - influence_perm[i]``;
 - the ``n = floor(lam * C)`` channels with the lowest RFI come from sample i,
   the other ``C - n`` from ``perm[i]``. ``lam * C`` is evaluated in double
-  precision. Where sample i's map is relatively weaker (RFI < 0) it keeps its
-  own; its partner's map of that channel has RFI > 0 from the partner's side,
-  so the weaker map of each pair is the one forwarded, and the split follows
-  ``lam``;
+  precision. Sample i keeps its maps that are weakest relative to its
+  partner's and takes the partner's map in the channels where its own are
+  relatively strongest, so its highly activated maps are masked out; the split
+  follows ``lam``;
 - ties in RFI are broken by channel index, lower index first (a stable
   ascending sort), so the selection is deterministic;
-- the mask is a select (``torch.where``), not a detach: gradients reach the
+- the mask is a select (a gather of whole maps), not a detach: gradients reach the
   selected maps of both samples;
 - targets ``lam' * y + (1 - lam') * y[perm]`` with the realised fraction
   ``lam' = n / C`` (at k = 0, the CutMix own-area fraction).
 
-The mask costs one stable argsort over the channels of the whole batch, one
-scatter and one gather; no loop over samples.
+The mask costs one stable argsort over the channels of the whole batch and one
+scatter; the mixing is one gather of whole maps (``index_select`` on the
+(N * C, H * W) view, a ``torch.where`` select for channels_last tensors). No
+loop over samples.
 """
 from __future__ import annotations
 
@@ -76,7 +78,15 @@ def mix_channels(h: torch.Tensor, perm: torch.Tensor, lam: float) -> Tuple[torch
     channels = h.shape[1]
     n_own = math.floor(float(lam) * channels)
     mask = own_channel_mask(h, perm, n_own)
-    mixed = torch.where(mask[:, :, None, None], h, h[perm])
+    if h.is_contiguous():
+        # One gather of whole maps: row i * C + c of the output is row src * C + c of ``h``, src = i or
+        # perm[i]. Its backward is one index_add, several times faster on CPU than where + h[perm].
+        n = h.shape[0]
+        rows = torch.arange(n, device=h.device)
+        src = torch.where(mask, rows[:, None], perm[:, None]) * channels + torch.arange(channels, device=h.device)
+        mixed = h.reshape(n * channels, -1).index_select(0, src.flatten()).view(h.shape)
+    else:  # channels_last and other layouts: a select that keeps the layout
+        mixed = torch.where(mask[:, :, None, None], h, h.index_select(0, perm))
     return mixed, n_own / channels
 
 

@@ -90,6 +90,9 @@ def test_keeps_exactly_floor_lam_c_lowest_rfi_channels(lam):
     assert torch.all(own ^ from_partner)  # every map comes whole from exactly one of the two
     assert own.sum(dim=1).tolist() == [n_own] * 8
     assert torch.equal(own, reference_mask(h, perm, n_own))
+    # The channels_last path (a where-select) gives the same tensor.
+    mixed_cl, lam_cl = cm.mix_channels(h.contiguous(memory_format=torch.channels_last), perm, lam)
+    assert lam_cl == lam_realised and torch.equal(mixed_cl, mixed)
 
 
 def test_ties_are_broken_by_channel_index():
@@ -122,9 +125,10 @@ def test_all_zero_maps_give_no_nan():
     torch.testing.assert_close(mixed[1], mixed[0])
 
 
-def test_gradients_reach_both_samples_selected_maps():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gradients_reach_both_samples_selected_maps(layout):
     h, perm = hand_case()
-    h = h.clone().requires_grad_(True)
+    h = h.clone().contiguous(memory_format=layout).requires_grad_(True)
     w = torch.arange(1.0, 13.0).reshape(2, 3, 1, 2)
     mixed, _ = cm.mix_channels(h, perm, 0.7)
     (mixed * w).sum().backward()
