@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--data-dir", help="data folder (default: $MIXBENCH_DATA or ~/.cache/mixbench)")
     p.add_argument("--download", action="store_true", help="download the data set if it is missing")
+    p.add_argument("--train-subset", type=_positive_int, metavar="N",
+                   help="train on a stratified subset of N images (seeded by each run's seed)")
+    p.add_argument("--data-mode", choices=["auto", "memory", "stream"],
+                   help="image-file data sets: decode once into memory, or stream from disk (default: auto)")
+    p.add_argument("--image-size", type=_positive_int, help="resize to this size (default: the data set's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--eval", help="evaluation suites to run after training: 'all' or a comma-separated list "
@@ -91,10 +96,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             params = ", ".join(f"{k}={v!r}" for k, v in get_method(name).default_params().items())
             print(f"{name:16s} {params}")
     elif args.what == "datasets":
-        from mixbench.data import get_dataset_info, list_datasets
+        from mixbench.data import dataset_descriptions
 
-        for name in list_datasets():
-            print(f"{name:16s} {get_dataset_info(name).description}")
+        for name, text in dataset_descriptions().items():
+            print(f"{name:16s} {text}")
     else:
         from mixbench.models import ALIASES, list_model_names
 
@@ -107,19 +112,20 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mixbench.data import get_dataset_info
+    from mixbench.data import normalise_dataset_name
     from mixbench.launch import run_local
     from mixbench.report import summary_table
     from mixbench.spec import expand_grid, parse_methods, parse_seeds
 
     methods = parse_methods(args.methods)
     seeds = parse_seeds(args.seeds)
-    get_dataset_info(args.dataset)
+    args.dataset = normalise_dataset_name(args.dataset, args.data_dir)  # imagefolder[:PATH] -> absolute path
     if args.data_dir and not Path(args.data_dir).is_dir() and not args.download:
         raise UsageError(f"--data-dir {args.data_dir!r} is not a folder (pass --download to create and fill it)")
     options = {"dataset": args.dataset, "device": args.device, "data_dir": args.data_dir, "download": args.download,
                "compile": args.compile}
-    for key in ("model", "epochs", "batch_size", "lr", "weight_decay", "schedule"):
+    for key in ("model", "epochs", "batch_size", "lr", "weight_decay", "schedule", "train_subset", "data_mode",
+                "image_size"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     if args.eval:

@@ -350,8 +350,8 @@ def _image_files(folder: Path) -> List[Path]:
 
 
 def _find_root(root: Path, marker: str, subfolder: str) -> Path:
-    """``root/subfolder`` if it holds ``marker``, else ``root`` itself."""
-    return root / subfolder if (root / subfolder / marker).exists() else root
+    """``root`` if it holds ``marker`` itself, else ``root/subfolder`` (where a missing file is then reported)."""
+    return root if (root / marker).exists() else root / subfolder
 
 
 def tiny_imagenet_files(root: Path) -> Tuple[Samples, Samples]:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from mixbench import UsageError
-from mixbench.data import get_dataset_info
+from mixbench.data import check_data_options, dataset_slug, get_dataset_info
 from mixbench.methods import get_method, list_methods
 
 # Options that change where and how fast a run goes, not its numbers.
 _NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval")
+_DATA_DEFAULTS = {"train_subset": None, "data_mode": "auto", "image_size": None}
 
 
 @dataclass
@@ -48,6 +49,9 @@ class RunSpec:
     device: str = "auto"
     data_dir: Optional[str] = None
     download: bool = False
+    train_subset: Optional[int] = None  # a stratified subset of the training split (seeded by `seed`)
+    data_mode: str = "auto"  # image-file sets: auto | memory | stream
+    image_size: Optional[int] = None  # None: the data set's declared size
     eval: List[str] = field(default_factory=list)  # evaluation suites to run after training
 
     # -- construction ---------------------------------------------------
@@ -87,13 +91,16 @@ class RunSpec:
             raise UsageError(f"unknown device {self.device!r}; choose from: auto, cpu, cuda, cuda:N")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise UsageError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs!r}")
+        check_data_options(self.train_subset, self.data_mode, self.image_size)
 
     # -- identity -------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     def identity(self) -> Dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_ID}
+        # Data options at their defaults stay out, so that adding them kept earlier run ids.
+        return {k: v for k, v in self.to_dict().items()
+                if k not in _NOT_IN_ID and not (k in _DATA_DEFAULTS and v == _DATA_DEFAULTS[k])}
 
     @property
     def run_id(self) -> str:
@@ -102,7 +109,7 @@ class RunSpec:
 
     def run_dir(self, out: Path) -> Path:
         """``OUT/<dataset>/<model>/<method>/seed<seed>-<run_id>``."""
-        return Path(out) / self.dataset / str(self.model) / self.method / f"seed{self.seed}-{self.run_id}"
+        return Path(out) / dataset_slug(self.dataset) / str(self.model) / self.method / f"seed{self.seed}-{self.run_id}"
 
 
 def parse_methods(text: str) -> List[str]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mixbench import UsageError
 from mixbench.checkpoint import CorruptCheckpoint, load_checkpoint, remove_checkpoint, save_checkpoint
-from mixbench.data import Dataset, DeviceLoader, load_dataset
+from mixbench.data import Dataset, DeviceLoader, load_dataset, make_loaders
 from mixbench.methods import create_method, soft_cross_entropy
 from mixbench.models import count_parameters, create_model
 from mixbench.results import (
@@ -119,10 +119,11 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(spec.device)
     seed_everything(spec.seed)
-    data = get_data(spec)
-    info = data.info
     cuda = device.type == "cuda"
     channels_last = cuda and spec.channels_last
+    # In-memory sets give DeviceLoaders, streamed image files StreamLoaders: the same interface.
+    train_loader, test_loader = make_loaders(spec, device, channels_last=channels_last)
+    info = train_loader.info
 
     model = create_model(
         spec.model, num_classes=info.num_classes, in_chans=info.in_chans, image_size=info.image_size,
@@ -134,16 +135,6 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
 
     method = create_method(spec.method, **spec.method_params)
     method.setup(seed=spec.seed, num_classes=info.num_classes, mean=info.mean, std=info.std)
-    train_loader = DeviceLoader(
-        data.train_x, data.train_y, batch_size=spec.batch_size, mean=info.mean, std=info.std, device=device,
-        train=True, crop_padding=info.crop_padding, flip=info.flip, seed=spec.seed, channels_last=channels_last,
-    )
-    test_loader = DeviceLoader(
-        data.test_x, data.test_y, batch_size=max(spec.batch_size, 256), mean=info.mean, std=info.std,
-        device=device, train=False, channels_last=channels_last,
-    )
-    if len(train_loader) == 0:
-        raise UsageError(f"batch_size {spec.batch_size} is larger than the training set ({len(data.train_y)} images)")
     steps = len(train_loader)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
@@ -257,6 +248,7 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
         "num_params": count_parameters(model),
         "seed": spec.seed,
         "epochs": spec.epochs,
+        "train_subset": spec.train_subset,
         "final_top1": final["test_top1"],
         "final_top5": final["test_top5"],
         "final_test_loss": final["test_loss"],
