@@ -19,6 +19,7 @@ from mixbench.data import (
     read_idx,
     stratified_subset,
 )
+from mixbench.methods import list_methods
 from mixbench.spec import RunSpec
 from mixbench.train import train_run
 
@@ -197,6 +198,13 @@ def test_fashion_mnist_trains_one_epoch_on_a_subset(tmp_path):
     x, _ = next(iter(train_loader))
     assert x.shape == (4, 1, 16, 16) and x.dtype == torch.float32
     train_one(s, tmp_path)
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_takes_one_channel_input(tmp_path, method):
+    write_fashion(tmp_path)
+    s = spec("fashion-mnist", tmp_path, method=method, train_subset=8, image_size=16)
+    assert train_one(s, tmp_path)["dataset"] == "fashion-mnist"
 
 
 # -- Tiny-ImageNet ------------------------------------------------------------------
