@@ -469,17 +469,17 @@ def decode_images(samples: Samples, size: int, desc: str = "decoding") -> Tuple[
 
     from tqdm import tqdm
 
-    out = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    out = np.empty((len(samples), 3, size, size), dtype=np.uint8)
 
     def work(i: int) -> None:
-        out[i] = load_image(samples[i][0], size)
+        out[i] = load_image(samples[i][0], size).transpose(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=max(1, default_num_workers())) as pool, \
             tqdm(total=len(samples), desc=desc, unit="img", disable=len(samples) < 5000, mininterval=2.0) as bar:
         for _ in pool.map(work, range(len(samples)), chunksize=64):
             bar.update(1)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), labels
+    return torch.from_numpy(out), labels
 
 
 def _files_loader(files: Callable[[Path], Tuple[Samples, Samples]], size: int, name: str) -> Callable[..., Arrays]:
@@ -675,7 +675,10 @@ class _StreamImages(torch.utils.data.Dataset):
     def __init__(self, samples: "Samples", size: int, train: bool, flip: bool):
         import torchvision.transforms as T
 
-        self.samples, self.train, self.epoch_seed = samples, train, 0
+        # numpy arrays, not a list of tuples: forked workers then share the pages (no reference-count writes)
+        self.paths = np.array([path.encode() for path, _ in samples])
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
+        self.train, self.epoch_seed = train, 0
         if train:
             steps = [T.RandomResizedCrop(size, antialias=True)] + ([T.RandomHorizontalFlip()] if flip else [])
         else:
@@ -683,12 +686,12 @@ class _StreamImages(torch.utils.data.Dataset):
         self.transform = T.Compose(steps + [T.PILToTensor()])
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
         from PIL import Image
 
-        path, label = self.samples[i]
+        path, label = self.paths[i].decode(), int(self.labels[i])
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
