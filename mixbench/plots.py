@@ -157,30 +157,36 @@ def plot_time(agg: pd.DataFrame, out: Path, rows, colors) -> List[Path]:
     return _save(fig, out, "epoch_time")
 
 
-def plot_eval(agg: pd.DataFrame, out: Path, rows, colors) -> List[Path]:
-    ev = agg[agg["quantity"].str.startswith("eval.")].copy()
+def plot_eval(agg: pd.DataFrame, out: Path, rows, colors, eval_keys: Sequence[str]) -> List[Path]:
+    """One panel per (dataset/model, robustness metric): each metric keeps its own scale."""
+    from mixbench.report import _eval_better
+
+    ev = agg[agg["quantity"].isin([f"eval.{k}" for k in eval_keys])]
     if ev.empty:
         return []
-    ev["metric"] = ev["quantity"].str[len("eval."):]
     groups = sorted(ev["column"].unique())
-    nmetrics = ev["metric"].nunique()
-    fig, axes = _panels(len(groups), width=max(5.5, 1.2 * nmetrics * max(1, len(rows)) / 3))
-    for ax, g in zip(axes, groups):
-        sub = ev[ev["column"] == g]
-        metrics = sorted(sub["metric"].unique())
-        order = [r for r in rows if r in set(sub["row"])]
-        width = 0.8 / max(1, len(order))
-        for i, r in enumerate(order):
-            s = sub[sub["row"] == r].set_index("metric").reindex(metrics)
-            x = np.arange(len(metrics)) + (i - (len(order) - 1) / 2) * width
-            ax.bar(x, s["mean"], width, yerr=s["std"].fillna(0.0), capsize=2, color=colors[r], label=r,
-                   edgecolor="black", linewidth=0.5)
-        ax.set_xticks(np.arange(len(metrics)))
-        ax.set_xticklabels(metrics, rotation=30 if len(metrics) > 2 else 0, ha="right" if len(metrics) > 2 else "center")
-        ax.set_title(f"{g}: robustness metrics")
-        ax.set_xlabel("evaluation metric")
-        ax.set_ylabel("value (mean ± std over seeds; % for accuracies)")
-        ax.legend(title="method", fontsize="small", title_fontsize="small")
+    metrics = [k for k in eval_keys if f"eval.{k}" in set(ev["quantity"])]
+    ncols = len(metrics)
+    fig, axes = plt.subplots(len(groups), ncols, figsize=(max(3.2, 0.7 * len(rows) + 1.2) * ncols, 3.8 * len(groups)),
+                             squeeze=False)
+    for gi, g in enumerate(groups):
+        for mi, key in enumerate(metrics):
+            ax = axes[gi][mi]
+            sub = ev[(ev["column"] == g) & (ev["quantity"] == f"eval.{key}")]
+            if sub.empty:
+                ax.set_visible(False)
+                continue
+            _bars(ax, sub, rows, colors, zoom=False, fmt=".3g")
+            better = "lower is better" if _eval_better(key) == "min" else "higher is better"
+            unit = " (%)" if key.endswith(("top1", "auc", "ece")) else ""
+            ax.set_title(f"{g}\n{key} ({better})", fontsize="medium")
+            ax.set_ylabel(f"{key.rsplit('.', 1)[-1]}{unit}, mean ± std")
+            ax.set_xlabel("method")
+            for label in ax.get_xticklabels():
+                label.set_rotation(45)
+                label.set_ha("right")
+    fig.suptitle("Robustness and evaluation metrics per method", y=1.0)
+    fig.tight_layout()
     return _save(fig, out, "robustness")
 
 
@@ -203,5 +209,5 @@ def write_plots(
         files += plot_curves(runs, out, rows, colors)
         files += plot_top1(agg, out, rows, colors, metric, METRICS[metric][1])
         files += plot_time(agg, out, rows, colors)
-        files += plot_eval(agg, out, rows, colors)
+        files += plot_eval(agg, out, rows, colors, eval_keys)
     return files

@@ -39,20 +39,47 @@ FORMATS = ("md", "latex", "csv")
 # Spec options that identify neither the protocol nor the cell (where and how fast a run went).
 _NOT_PROTOCOL = ("method", "method_params", "seed", "dataset", "model", "device", "data_dir", "download", "compile")
 # Eval metrics whose name matches this are better when lower.
-_LOWER_IS_BETTER = re.compile(r"(^|[._\-])(err|error|loss|nll|ece|mce|ce|drop)s?($|[._\-])", re.I)
+_LOWER_IS_BETTER = re.compile(r"(^|[._\-])(err|error|loss|loss0|nll|ece|mce|ce|drop|sharpness)s?($|[._\-])", re.I)
+# Robustness metrics of result["eval"] shown in the table and plots, per suite (every scalar goes to the
+# CSV files). A suite not listed here shows its top-level numbers.
+EVAL_HEADLINES: Dict[str, Tuple[str, ...]] = {
+    "adversarial": ("fgsm_top1", "pgd_top1"),
+    "corruption": ("mean_top1",),
+    "deformation": ("mean_top1",),
+    "feature_removal": ("auc",),
+    "calibration": ("ece", "nll"),
+    "loss_landscape": ("sharpness",),
+    "filter_usage": (),
+}
+
+
+def is_headline(key: str) -> bool:
+    """Whether the flattened eval metric ``suite.name[.sub...]`` belongs in the table."""
+    suite, _, rest = key.partition(".")
+    if suite in EVAL_HEADLINES:
+        return rest in EVAL_HEADLINES[suite]
+    return bool(rest) and "." not in rest
 
 
 # ---------------------------------------------------------------------------
 # plain-text summary printed by `mixbench run`
 # ---------------------------------------------------------------------------
 def summary_table(results: Sequence[Dict[str, Any]], metric: str = "final_top1") -> str:
-    """A plain-text table: method, runs, mean top-1 +- std, epoch time relative to vanilla."""
+    """A plain-text table: method, runs, mean top-1 +- std, epoch time relative to vanilla.
+
+    Runs that did not complete (``status`` failed, or running in another launcher)
+    are listed below the table with their reason, never averaged.
+    """
     by_method: Dict[str, List[Dict[str, Any]]] = {}
     for r in results:
         if r and r.get("status") == "complete":
             by_method.setdefault(r["method"], []).append(r)
+    others = [
+        f"{r.get('status')}: {r.get('method')} seed {r.get('seed')}: {r.get('error') or r.get('reason') or '-'}"
+        for r in results if r and r.get("status") != "complete"
+    ]
     if not by_method:
-        return "no complete runs"
+        return "\n".join(["no complete runs", *others])
     base = by_method.get("vanilla")
     base_time = statistics.mean(r["epoch_time_s"] for r in base) if base else None
     rows = [("method", "runs", f"{metric} (%)", "epoch time", "vs vanilla")]
@@ -65,7 +92,7 @@ def summary_table(results: Sequence[Dict[str, Any]], metric: str = "final_top1")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + others if others else []))
 
 
 # ---------------------------------------------------------------------------
@@ -127,7 +154,7 @@ class RunSet:
 
     runs: Any  # pandas.DataFrame
     problems: List[Dict[str, Any]] = field(default_factory=list)
-    eval_keys: List[str] = field(default_factory=list)
+    eval_keys: List[str] = field(default_factory=list)  # table metrics (flattened ``eval`` keys)
 
 
 def load_runs(roots: Iterable[Path]) -> RunSet:
@@ -213,7 +240,7 @@ def load_runs(roots: Iterable[Path]) -> RunSet:
     if not records and not problems:
         raise UsageError(f"no results (result.json) found under {', '.join(str(r) for r in roots)}")
     runs = pd.DataFrame.from_records(records)
-    eval_keys = sorted(c[len("eval."):] for c in runs.columns if c.startswith("eval."))
+    eval_keys = sorted(c[len("eval."):] for c in runs.columns if c.startswith("eval.") and is_headline(c[5:]))
     return RunSet(runs=runs, problems=problems, eval_keys=eval_keys)
 
 

@@ -148,14 +148,23 @@ def check_latex_balanced(tex: str) -> None:
             assert sum(spans) == ncols, line
 
 
+def eval_record(fgsm: float, ece: float) -> dict:
+    """result["eval"] as `mixbench evaluate` writes it: headline numbers, options, nested per-item details."""
+    return {
+        "adversarial": {"clean_top1": 90.0, "fgsm_top1": fgsm, "eps": 0.03, "pgd_steps": 10},
+        "calibration": {"ece": ece, "nll": 0.3, "top1": 90.0},
+        "corruption": {"mean_top1": 50.0, "fog": {"severity": [1, 2], "top1": [60.0, 40.0], "mean_top1": 50.0}},
+        "my_suite": {"score": 1.0, "nested": {"x": 1.0}, "curve": [1, 2], "ok": True},
+    }
+
+
 def two_dataset_results(tmp_path):
     root = tmp_path / "multi"
     for ds, model in (("digits", "pre_act_w16"), ("cifar_100", "wide_resnet")):
         for seed in (0, 1):
-            make_run(root, "vanilla", seed, 90.0 + seed, dataset=ds, model=model,
-                     eval_={"fgsm": {"top1": 30.0 + seed}, "corruption": {"mce": 70.0}})
+            make_run(root, "vanilla", seed, 90.0 + seed, dataset=ds, model=model, eval_=eval_record(30.0 + seed, 7.0))
             make_run(root, "mixup", seed, 91.0 + seed, dataset=ds, model=model, time_s=1.2,
-                     eval_={"fgsm": {"top1": 40.0}, "corruption": {"mce": 60.0}, "curve": [1, 2], "ok": True})
+                     eval_=eval_record(40.0, 5.0))
     return root
 
 
@@ -163,8 +172,8 @@ def test_latex_environments_braces_and_escapes(results, tmp_path):
     check_latex_balanced(to_latex(build_table(load_runs([results]), "final")))
     tex = to_latex(build_table(load_runs([two_dataset_results(tmp_path)]), "best"))
     check_latex_balanced(tex)
-    assert r"\multicolumn{5}{c}{cifar\_100/wide\_resnet}" in tex
-    assert r"\cmidrule(lr){2-6} \cmidrule(lr){7-11}" in tex
+    assert r"\multicolumn{8}{c}{cifar\_100/wide\_resnet}" in tex
+    assert r"\cmidrule(lr){2-9} \cmidrule(lr){10-17}" in tex
     assert r"\underline" not in tex  # with two methods, second best is also the worst: not marked
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
     assert latex_escape("a_b & 50% #1 {x} $") == r"a\_b \& 50\% \#1 \{x\} \$"
@@ -182,17 +191,26 @@ def test_latex_compiles(tmp_path):
     assert (tmp_path / "doc.pdf").stat().st_size > 1000
 
 
-def test_eval_metrics_become_columns_with_direction(tmp_path):
-    table = build_table(load_runs([two_dataset_results(tmp_path)]), "final")
-    md = to_markdown(table)
+def test_eval_headline_metrics_become_columns_with_direction(tmp_path):
+    out = tmp_path / "rep"
+    report = write_report([two_dataset_results(tmp_path)], out, formats=["md", "csv"], plots=False)
+    md = report["markdown"]
     header = md.splitlines()[2]
-    assert "cifar_100/wide_resnet fgsm.top1 ↑" in header and "digits/pre_act_w16 corruption.mce ↓" in header
-    assert "curve" not in header and ".ok" not in header  # lists and bools are not metrics
-    row_v, row_m = md_row(md, "vanilla"), md_row(md, "mixup")
     names = [c.strip() for c in header.strip("|").split("|")]
-    fgsm, mce = names.index("digits/pre_act_w16 fgsm.top1 ↑"), names.index("digits/pre_act_w16 corruption.mce ↓")
+    digits = [n[len("digits/pre_act_w16 "):] for n in names if n.startswith("digits/pre_act_w16 ")]
+    assert digits == ["top-1 (%)", "epoch time (× vanilla)", "peak mem (MB)", "adversarial.fgsm_top1 ↑",
+                      "calibration.ece ↓", "calibration.nll ↓", "corruption.mean_top1 ↑", "my_suite.score ↑"]
+    row_v, row_m = md_row(md, "vanilla"), md_row(md, "mixup")
+    fgsm, ece = names.index("digits/pre_act_w16 adversarial.fgsm_top1 ↑"), names.index("digits/pre_act_w16 calibration.ece ↓")
     assert row_m[fgsm] == "**40.00 ± 0.00** (2)" and row_v[fgsm] == "30.50 ± 0.71 (2)"
-    assert row_m[mce] == "**60.00 ± 0.00** (2)" and row_v[mce] == "70.00 ± 0.00 (2)"  # lower is better
+    assert row_m[ece] == "**5.00 ± 0.00** (2)" and row_v[ece] == "7.00 ± 0.00 (2)"  # lower is better
+    # every scalar, headline or not, is in the CSV files
+    with open(out / "summary.csv") as f:
+        quantities = {r["quantity"] for r in csv.DictReader(f)}
+    assert {"eval.adversarial.eps", "eval.corruption.fog.mean_top1", "eval.my_suite.nested.x"} <= quantities
+    assert not any("curve" in q or q.endswith(".ok") or "severity" in q for q in quantities)
+    with open(out / "runs.csv") as f:
+        assert "eval.calibration.nll" in next(csv.reader(f))
 
 
 def test_unknown_methods_after_registry_alphabetically_and_variants(tmp_path):
