@@ -340,7 +340,9 @@ def _read_lines(path: Path, what: str, fields: int) -> List[List[str]]:
             if not parts:
                 continue
             if len(parts) < fields:
-                raise UsageError(f"{what}: {path} line {lineno} is malformed (expected {fields} fields): {line.strip()!r}")
+                raise UsageError(
+                    f"{what}: {path} line {lineno} is malformed (expected {fields} fields): {line.strip()!r}"
+                )
             rows.append(parts)
     return rows
 
@@ -803,7 +805,8 @@ def make_loaders(spec: Any, device: torch.device, *, channels_last: bool = False
     mode, subset, size = spec.data_mode, spec.train_subset, spec.image_size or info.image_size
     check_data_options(subset, mode, size)
     if size != info.image_size:  # the random-crop padding keeps its share of the image
-        info = dataclasses.replace(info, image_size=size, crop_padding=round(info.crop_padding * size / info.image_size))
+        padding = round(info.crop_padding * size / info.image_size)
+        info = dataclasses.replace(info, image_size=size, crop_padding=padding)
     root = Path(spec.data_dir) if spec.data_dir else default_data_dir()
     if info.files is None:
         if mode == "stream":

@@ -53,7 +53,8 @@ def write_tiny_imagenet(root, n_classes=3, per_class=4, val_per_class=2):
         c = sorted(wnids).index(w)
         for i in range(per_class):
             _jpeg(base / "train" / w / "images" / f"{w}_{i}.JPEG", COLOURS[c], seed=i)
-        (base / "train" / w / f"{w}_boxes.txt").write_text("".join(f"{w}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(per_class)))
+        boxes = "".join(f"{w}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(per_class))
+        (base / "train" / w / f"{w}_boxes.txt").write_text(boxes)
     lines, k = [], 0
     for w in wnids:
         for _ in range(val_per_class):
@@ -266,6 +267,9 @@ def test_cub200_errors_name_the_expected_file(tmp_path):
     write_cub(tmp_path / "again")
     (tmp_path / "again" / "CUB_200_2011" / "image_class_labels.txt").write_text("1 201\n2 1\n")
     with pytest.raises(UsageError, match=r"image 1 the class '201'; classes are 1\.\.200"):
+        data.cub200_files(tmp_path / "again")
+    (tmp_path / "again" / "CUB_200_2011" / "images.txt").write_text("1 001.Bird_0/Bird_0_0000.jpg\n2\n")
+    with pytest.raises(UsageError, match=r"images\.txt line 2 is malformed \(expected 2 fields\): '2'"):
         data.cub200_files(tmp_path / "again")
 
 
