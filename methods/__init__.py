@@ -22,6 +22,7 @@ from . import vanilla  # noqa: F401,E402
 from . import mixup  # noqa: F401,E402
 from . import cutmix  # noqa: F401,E402
 from . import manifold_mixup  # noqa: F401,E402
+from . import puzzlemix  # noqa: F401,E402
 from . import catchup_mix  # noqa: F401,E402
 
 __all__ = [

@@ -85,6 +85,16 @@ class MixMethod:
     def close(self) -> None:
         """Release resources (worker pools...) at the end of a run."""
 
+    @classmethod
+    def available(cls) -> bool:
+        """False when an optional dependency is missing; ``--methods all`` then skips the method."""
+        return True
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """One line saying what is missing and how to install it."""
+        return f"method {cls.name!r} is not available"
+
     # -- introspection -------------------------------------------------
     @classmethod
     def default_params(cls) -> Dict[str, Any]:

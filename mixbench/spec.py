@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -19,7 +20,7 @@ from mixbench.data import check_data_options, dataset_slug, get_dataset_info
 from mixbench.methods import get_method, list_methods
 
 # Options that change where and how fast a run goes, not its numbers.
-_NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval")
+_NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval", "filter_usage_every")
 _DATA_DEFAULTS = {"train_subset": None, "data_mode": "auto", "image_size": None}
 
 
@@ -53,6 +54,7 @@ class RunSpec:
     data_mode: str = "auto"  # image-file sets: auto | memory | stream
     image_size: Optional[int] = None  # None: the data set's declared size
     eval: List[str] = field(default_factory=list)  # evaluation suites to run after training
+    filter_usage_every: int = 0  # per-stage filter usage into metrics.jsonl every N epochs (0: off)
 
     # -- construction ---------------------------------------------------
     @classmethod
@@ -91,6 +93,8 @@ class RunSpec:
             raise UsageError(f"unknown device {self.device!r}; choose from: auto, cpu, cuda, cuda:N")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise UsageError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs!r}")
+        if not isinstance(self.filter_usage_every, int) or self.filter_usage_every < 0:
+            raise UsageError(f"filter_usage_every must be an integer >= 0 (0: off), got {self.filter_usage_every!r}")
         check_data_options(self.train_subset, self.data_mode, self.image_size)
 
     # -- identity -------------------------------------------------------
@@ -114,11 +118,20 @@ class RunSpec:
 
 def parse_methods(text: str) -> List[str]:
     """``all`` or a comma-separated list of registered names."""
-    names = list_methods() if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    if text.strip() == "all":  # every method whose dependencies are installed
+        names = []
+        for name in list_methods():
+            if get_method(name).available():
+                names.append(name)
+            else:
+                print(f"mixbench: skipping {name}: {get_method(name).unavailable_reason()}", file=sys.stderr)
+        return names
+    names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise UsageError("--methods is empty; give 'all' or a comma-separated list")
     for name in names:
-        get_method(name)
+        if not get_method(name).available():
+            raise UsageError(get_method(name).unavailable_reason())
     return names
 
 
