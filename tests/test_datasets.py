@@ -2,6 +2,7 @@
 import gzip
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,6 +178,25 @@ def test_fashion_mnist_errors_name_the_missing_files(tmp_path, monkeypatch):
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 28, 28)))
     with pytest.raises(UsageError, match=r"some of the IDX files but not train-labels-idx1-ubyte\[\.gz\]"):
         load_dataset("fashion-mnist", data_dir=tmp_path)
+
+
+def test_fashion_mnist_downloads_through_torchvision_only_when_asked(tmp_path, monkeypatch):
+    import torchvision
+
+    calls = []
+
+    class FakeFashionMNIST:  # stands in for the network: writes the files torchvision would
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            write_fashion(Path(root) / "FashionMNIST" / "raw", gz=False)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    with pytest.raises(UsageError, match="Fashion-MNIST not found"):
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+    assert calls == []
+    ds = load_dataset("fashion-mnist", data_dir=tmp_path, download=True)
+    assert calls and all(download for _, _, download in calls) and ds.train_x.shape == (40, 1, 28, 28)
 
 
 def test_fashion_mnist_debian_files(tmp_path):
