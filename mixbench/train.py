@@ -5,6 +5,15 @@ model, the method's ``(logits, target)`` for each batch, soft-target
 cross-entropy, SGD with a per-step LR schedule, an evaluation after each epoch,
 a checkpoint after each epoch, and an atomic result.json at the end. Nothing
 here knows which method it runs.
+
+Crash safety: the run directory is locked while it trains (``mixbench.lock``);
+each epoch ends with a checkpoint of everything that decides the rest of the
+run (model, optimizer, LR scheduler, epoch, best-so-far, the python, numpy,
+torch CPU and CUDA RNG states, the loader's generator, the method's state), so
+that a rerun after a kill continues exactly where the last complete epoch
+ended. bf16 autocast needs no GradScaler (bf16 has float32's exponent range),
+so there is no scaler state to keep. A non-finite loss stops the run with a
+``status: "failed"`` result.json.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -27,9 +37,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mixbench import UsageError
-from mixbench.checkpoint import CorruptCheckpoint, load_checkpoint, remove_checkpoint, save_checkpoint
+from mixbench.checkpoint import load_checkpoint, remove_checkpoint, remove_partial_writes, save_checkpoint
 from mixbench.data import Dataset, DeviceLoader, load_dataset, make_loaders
 from mixbench.methods import create_method, soft_cross_entropy
+from mixbench.lock import RunLock
 from mixbench.models import count_parameters, create_model
 from mixbench.results import (
     SCHEMA_VERSION,
@@ -38,7 +49,9 @@ from mixbench.results import (
     atomic_write_json,
     atomic_write_yaml,
     environment_info,
+    is_complete,
     read_jsonl,
+    read_result,
 )
 from mixbench.spec import RunSpec
 
@@ -56,6 +69,80 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state(cuda: bool) -> Dict[str, Any]:
+    """The global RNG states (python, numpy, torch CPU and CUDA), in a form weights_only loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+    }
+
+
+def set_rng_state(state: Dict[str, Any], cuda: bool) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if cuda and state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# A diverged run is noticed within this many optimiser steps: the per-step losses stay on the
+# device and are checked with one host sync per interval (and at the end of each epoch).
+NONFINITE_CHECK_EVERY = 100
+
+
+class NonFiniteLoss(FloatingPointError):
+    def __init__(self, value: float, epoch: int, step: Optional[int], steps_per_epoch: int):
+        self.value, self.epoch, self.step = value, epoch, step
+        self.global_step = None if step is None else epoch * steps_per_epoch + step
+        where = f"epoch {epoch}" + ("" if step is None else f", step {step} (global step {self.global_step})")
+        super().__init__(f"non-finite training loss ({value}) at {where}")
+
+
+class RunFailed(RuntimeError):
+    """A run that stopped without finishing; ``result`` is its result.json (``status: "failed"``)."""
+
+    def __init__(self, result: Dict[str, Any], run_dir: Path):
+        self.result = result
+        self.run_dir = run_dir
+        super().__init__(f"{run_dir}: failed: {result['error']}")
+
+
+def write_failed_result(
+    spec: RunSpec, run_dir: Path, error: str, started: str, **details: Any
+) -> Dict[str, Any]:
+    """Write result.json with ``status: "failed"``, the reason and where it happened; return it."""
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": spec.run_id,
+        "status": "failed",
+        "error": error,
+        "failed_epoch": details.pop("epoch", None),
+        "failed_step": details.pop("step", None),
+        "failed_global_step": details.pop("global_step", None),
+        "epochs_completed": len(read_jsonl(Path(run_dir) / "metrics.jsonl")),
+        **details,
+        "method": spec.method,
+        "method_params": spec.method_params,
+        "dataset": spec.dataset,
+        "model": spec.model,
+        "model_kwargs": spec.model_kwargs,
+        "seed": spec.seed,
+        "epochs": spec.epochs,
+        **environment_info(resolve_device(spec.device)),
+        "started_at": started,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "spec": spec.to_dict(),
+    }
+    atomic_write_json(Path(run_dir) / "result.json", result)
+    return result
 
 
 _DATA_CACHE: Dict[Tuple[str, str, bool], Dataset] = {}
@@ -113,7 +200,43 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Optional[str] = None) -> Dict[str, Any]:
-    """Train one run to completion (resuming from its checkpoint if there is one) and return result.json."""
+    """Train one run to completion (resuming from its last good checkpoint) and return its result.json.
+
+    The run directory is locked meanwhile: ``mixbench.lock.RunLocked`` if another
+    live process holds it; a run that another process completed in the meantime
+    is returned, not trained again. A non-finite loss, or an exception inside
+    training, writes a result.json with ``status: "failed"`` (the reason; for a
+    non-finite loss the epoch and step), keeps the last good checkpoint and raises
+    ``RunFailed``. Errors of the environment (``OSError``: disk full, no
+    permission) and of the input (``UsageError``) propagate unchanged.
+    """
+    spec = spec.resolved() if spec.epochs is None else spec
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with RunLock(run_dir):
+        if is_complete(run_dir):
+            print(f"mixbench: {run_dir} was completed by another process", file=sys.stderr)
+            return read_result(run_dir)
+        remove_partial_writes(run_dir)
+        try:
+            return _train(spec, run_dir, progress=progress, desc=desc)
+        except (OSError, UsageError):
+            raise
+        except NonFiniteLoss as exc:
+            result = write_failed_result(
+                spec, run_dir, str(exc), started, epoch=exc.epoch, step=exc.step, global_step=exc.global_step
+            )
+            raise RunFailed(result, run_dir) from None
+        except Exception as exc:
+            result = write_failed_result(
+                spec, run_dir, f"{type(exc).__name__}: {exc}", started, traceback=traceback.format_exc()
+            )
+            raise RunFailed(result, run_dir) from exc
+
+
+def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str]) -> Dict[str, Any]:
+    """The training itself; the caller holds the run's lock."""
     spec = spec.resolved() if spec.epochs is None else spec
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,21 +269,14 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
     # -- resume -----------------------------------------------------------------
     start_epoch, best_top1, best_epoch, elapsed = 0, -1.0, -1, 0.0
     metrics_path = run_dir / "metrics.jsonl"
-    try:
-        state = load_checkpoint(run_dir)
-    except CorruptCheckpoint as exc:
-        print(f"mixbench: {exc}; restarting {run_dir.name} from epoch 0", file=sys.stderr)
-        state = None
+    state = load_checkpoint(run_dir)  # the newest good one; reports and skips corrupt files
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
         train_loader.load_state_dict(state["loader"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if cuda and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"], cuda)
         start_epoch, best_top1, best_epoch, elapsed = (
             state["epoch"], state["best_top1"], state["best_epoch"], state["elapsed"]
         )
@@ -170,6 +286,8 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
     atomic_write_yaml(run_dir / "spec.yaml", spec.to_dict())
     if start_epoch:
         print(f"mixbench: resuming {run_dir} from epoch {start_epoch}", file=sys.stderr)
+    else:
+        print(f"mixbench: training {run_dir}", file=sys.stderr)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -183,8 +301,8 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
         for epoch in range(start_epoch, spec.epochs):
             model.train()
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for x, y in train_loader:
+            step_losses = torch.zeros(steps, device=device)
+            for step, (x, y) in enumerate(train_loader):
                 target = F.one_hot(y, info.num_classes).float()
                 if spec.label_smoothing:
                     target = target * (1 - spec.label_smoothing) + spec.label_smoothing / info.num_classes
@@ -197,14 +315,19 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                loss_sum += loss.detach()
+                step_losses[step] = loss.detach()  # stays on the device: no sync per step
                 bar.update(1)
+                if (step + 1) % NONFINITE_CHECK_EVERY == 0 and not bool(torch.isfinite(step_losses[:step + 1]).all()):
+                    break
             if cuda:
                 torch.cuda.synchronize(device)
             train_time = time.perf_counter() - t0
-            train_loss = loss_sum.item() / steps
+            train_loss = step_losses.sum().item() / steps
             if not math.isfinite(train_loss):
-                raise FloatingPointError(f"non-finite training loss ({train_loss}) in epoch {epoch}")
+                bad = (~torch.isfinite(step_losses)).nonzero()
+                first = int(bad[0, 0]) if len(bad) else None
+                value = step_losses[first].item() if first is not None else train_loss
+                raise NonFiniteLoss(value, epoch, first, steps)
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -223,10 +346,7 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "method": method.state_dict(),
                 "loader": train_loader.state_dict(),
-                "rng": {
-                    "python": random.getstate(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if cuda else None,
-                },
+                "rng": rng_state(cuda),
             })
             bar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{record['test_top1']:.2f}", refresh=False)
     finally:
