@@ -38,6 +38,8 @@ FORMATS = ("md", "latex", "csv")
 
 # Spec options that identify neither the protocol nor the cell (where and how fast a run went).
 _NOT_PROTOCOL = ("method", "method_params", "seed", "dataset", "model", "device", "data_dir", "download", "compile")
+# Written by the launcher into a run folder before the run starts (with the error when it failed).
+_LAUNCH_FILE = "launch.json"
 # Eval metrics whose name matches this are better when lower.
 _LOWER_IS_BETTER = re.compile(r"(^|[._\-])(err|error|loss|loss0|nll|ece|mce|ce|drop|sharpness)s?($|[._\-])", re.I)
 # Robustness metrics of result["eval"] shown in the table and plots, per suite (every scalar goes to the
@@ -131,11 +133,27 @@ def flatten_eval(value: Any, prefix: str = "") -> Dict[str, float]:
 
 
 def _protocol(result: Dict[str, Any]) -> Dict[str, Any]:
+    """The options that change a run's numbers, other than the cell (method, seed, dataset, model)."""
     spec = result.get("spec") or {}
-    proto = {k: v for k, v in spec.items() if k not in _NOT_PROTOCOL}
-    if "epochs" in result and "epochs" not in proto:
+    try:  # through RunSpec: options missing from older results get their defaults
+        from mixbench.spec import RunSpec
+
+        ident = RunSpec.from_dict(spec).identity() if spec else {}
+    except (TypeError, ValueError):  # a spec written by another mixbench version
+        ident = {k: v for k, v in spec.items() if k not in _NOT_PROTOCOL}
+    proto = {k: v for k, v in ident.items() if k not in _NOT_PROTOCOL}
+    if "epochs" in result and proto.get("epochs") is None:
         proto["epochs"] = result["epochs"]
     return proto
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _read_spec(run_dir: Path) -> Dict[str, Any]:
@@ -226,16 +244,21 @@ def load_runs(roots: Iterable[Path]) -> RunSet:
         if root.is_dir():
             candidates.update(p.parent.resolve() for p in root.rglob("metrics.jsonl"))
             candidates.update(p.parent.resolve() for p in root.rglob("spec.yaml"))
+            candidates.update(p.parent.resolve() for p in root.rglob(_LAUNCH_FILE))
         for run_dir in sorted(candidates - result_dirs):
             result_dirs.add(run_dir)
             spec = _read_spec(run_dir)
             done = len(read_jsonl(run_dir / "metrics.jsonl"))
             epochs = spec.get("epochs")
+            reason = f"no result.json ({done}/{epochs if epochs else '?'} epochs in metrics.jsonl)"
+            launch = _read_json(run_dir / _LAUNCH_FILE)
+            if launch.get("error"):
+                reason += f"; launcher: {launch['error']}"
             problems.append({
                 "run_dir": str(run_dir), "method": spec.get("method"), "dataset": spec.get("dataset"),
                 "model": spec.get("model"), "seed": spec.get("seed"), "epochs": epochs,
                 "status": "incomplete",
-                "reason": f"no result.json ({done}/{epochs if epochs else '?'} epochs in metrics.jsonl)",
+                "reason": reason,
             })
     if not records and not problems:
         raise UsageError(f"no results (result.json) found under {', '.join(str(r) for r in roots)}")
@@ -270,7 +293,8 @@ def _suffix(d: Dict[str, Any], keys: Sequence[str]) -> str:
 
 
 def label_runs(runs):
-    """Add ``row`` (method label), ``column`` (dataset/model label) and ``vanilla_row`` to ``runs``."""
+    """Add ``row`` (method, plus the differing hyper-parameters) and ``column`` (dataset/model, plus the
+    differing protocol options) to ``runs``."""
     runs = runs.copy()
     runs["row"] = runs["method"]
     for method, sub in runs.groupby("method", sort=False):

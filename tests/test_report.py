@@ -227,25 +227,40 @@ def test_unknown_methods_after_registry_alphabetically_and_variants(tmp_path):
     assert md_row(md, "zeta_mix")[1] == "80.00 (1)"  # one seed: no std
 
 
+def test_runs_of_different_protocols_are_different_columns(results):
+    make_run(results, "vanilla", 0, 97.0, spec={"epochs": 5, "data_dir": "/elsewhere"})
+    make_run(results, "vanilla", 1, 98.0, spec={"epochs": 5, "device": "cuda"})  # device: not the protocol
+    table = build_table(load_runs([results]), "final")
+    groups = list(dict.fromkeys(c.group for c in table.columns))
+    assert groups == ["digits/net (epochs=3)", "digits/net (epochs=5)"]
+    top1 = [j for j, c in enumerate(table.columns) if c.quantity == "top1"]
+    assert table.cells[("vanilla", top1[0])][2] == 3 and table.cells[("vanilla", top1[1])][:3] == (97.5, pytest.approx(0.7071, abs=1e-4), 2)
+    assert ("mixup", top1[1]) not in table.cells
+
+
 def test_failed_and_incomplete_runs_are_listed_not_averaged(results, tmp_path):
     failed = make_run(results, "mixup", 7, 10.0, status="failed")
     partial = make_run(results, "cutmix", 9, 0.0, curve=[50.0], write_result=False)
+    crashed = results / "digits" / "net" / "mixup" / "seed5-0000abcd"  # the launcher's record only
+    crashed.mkdir()
+    (crashed / "launch.json").write_text(json.dumps({"error": "CUDA out of memory"}))
     out = tmp_path / "report"
     report = write_report([results], out, formats=["md", "latex", "csv"], plots=False)
-    assert len(report["runset"].problems) == 2
+    assert len(report["runset"].problems) == 3
     md = (out / "table.md").read_text()
     assert md_row(md, "mixup")[1] == "**95.50 ± 0.71** (2)"  # the failed 10% run is not in the mean
     assert "Incomplete or failed runs (not averaged):" in md
     assert f"- {failed.resolve()}: failed" in md
     assert f"- {partial.resolve()}: incomplete (no result.json (1/3 epochs in metrics.jsonl))" in md
-    assert "2 incomplete or failed run(s) excluded" in md.splitlines()[0]
+    assert f"- {crashed.resolve()}: incomplete (no result.json (0/? epochs in metrics.jsonl); launcher: CUDA out" in md
+    assert "3 incomplete or failed run(s) excluded" in md.splitlines()[0]
     tex = (out / "table.tex").read_text()
     check_latex_balanced(tex)
     assert f"% - {failed.resolve()}: failed" not in tex and f"%   {failed.resolve()}: failed" in tex
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 9
-    assert sorted(r["status"] for r in rows if r["status"] != "complete") == ["failed", "incomplete"]
+    assert len(rows) == 10
+    assert sorted(r["status"] for r in rows if r["status"] != "complete") == ["failed", "incomplete", "incomplete"]
     with open(out / "summary.csv") as f:
         summary = {(r["row"], r["quantity"]): r for r in csv.DictReader(f)}
     assert summary[("mixup", "top1")]["n"] == "2" and float(summary[("mixup", "top1")]["mean"]) == 95.5
