@@ -184,9 +184,9 @@ def stage_modules(model: nn.Module) -> List[str]:
 
 
 @torch.no_grad()
-def channel_norms(model: PixelModel, x: torch.Tensor, batch_size: int = 256) -> Dict[str, torch.Tensor]:
-    """Per stage (and ``features``, the head's input): the mean over samples of each channel's L2 norm."""
-    net = model.model
+def stage_channel_norms(net: nn.Module, batches: Iterable[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Per stage of ``feature_info`` (and ``features``, the head's input): the mean over samples of each
+    channel's L2 norm (over its spatial positions). ``batches``: model inputs (normalised)."""
     sums: Dict[str, torch.Tensor] = {}
 
     def record(name: str, out: torch.Tensor) -> None:
@@ -196,13 +196,46 @@ def channel_norms(model: PixelModel, x: torch.Tensor, batch_size: int = 256) -> 
 
     hooks = [net.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: record(name, o))
              for name in stage_modules(net)]
+    n = 0
     try:
-        for i in range(0, len(x), batch_size):
-            record("features", model.features(x[i:i + batch_size]))
+        for x in batches:
+            record("features", net.forward_features(x))
+            n += len(x)
     finally:
         for h in hooks:
             h.remove()
-    return {name: s.double() / len(x) for name, s in sums.items()}
+    return {name: s.double() / max(n, 1) for name, s in sums.items()}
+
+
+def channel_norms(model: PixelModel, x: torch.Tensor, batch_size: int = 256) -> Dict[str, torch.Tensor]:
+    """:func:`stage_channel_norms` of a pixel-space model on images ``x`` in [0, 1]."""
+    return stage_channel_norms(model.model, (model.normalise(x[i:i + batch_size]) for i in range(0, len(x), batch_size)))
+
+
+def filter_usage_summary(norms: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Gini and effective channels per stage, and their means over the stages (``features`` excluded)."""
+    per = {name: {"channels": len(v), "gini": gini(v), "effective_channels": effective_channels(v),
+                  "norms": [round(x, 6) for x in v.tolist()]} for name, v in norms.items()}
+    stages = [v for name, v in per.items() if name != "features"]
+    return {
+        "mean_gini": float(np.mean([v["gini"] for v in stages])),
+        "mean_effective_fraction": float(np.mean([v["effective_channels"] / v["channels"] for v in stages])),
+        **per,
+    }
+
+
+def filter_usage_during_training(model: nn.Module, loader: Iterable, spec: Any, epoch: int) -> Dict[str, Any]:
+    """``{"filter_usage": ...}`` for the epoch's metrics.jsonl line at the epochs chosen by the run option
+    ``filter_usage_every`` (every N epochs from the first, and the last), else ``{}``. ``model``: the eager
+    module; ``loader``: normalised test batches ``(x, y)``."""
+    every = getattr(spec, "filter_usage_every", 0)
+    if not every or (epoch % every and epoch != spec.epochs - 1):
+        return {}
+    was_training = model.training
+    model.eval()
+    norms = stage_channel_norms(model, (x.float() for x, _ in loader))
+    model.train(was_training)
+    return {"filter_usage": filter_usage_summary(norms)}
 
 
 # ---------------------------------------------------------------------------
@@ -559,11 +592,7 @@ def suite_feature_removal(ctx: EvalContext, ks: Optional[Sequence[int]] = None) 
 
 @register_suite
 def suite_filter_usage(ctx: EvalContext) -> Dict[str, Any]:
-    out = {}
-    for name, norms in channel_norms(ctx.model, ctx.x, ctx.batch_size).items():
-        out[name] = {"channels": len(norms), "gini": gini(norms), "effective_channels": effective_channels(norms),
-                     "norms": [round(v, 6) for v in norms.tolist()]}
-    return out
+    return filter_usage_summary(channel_norms(ctx.model, ctx.x, ctx.batch_size))
 
 
 @register_suite
@@ -749,7 +778,7 @@ def _headline(name: str, out: Dict[str, Any]) -> str:
             "loss_landscape": ("loss0", "sharpness")}.get(name)
     if keys is None and name == "filter_usage":
         return " ".join(f"{k}: gini {v['gini']:.3f} eff {v['effective_channels']:.1f}/{v['channels']}"
-                        for k, v in out.items())
+                        for k, v in out.items() if isinstance(v, dict))
     return " ".join(f"{k}={out[k]:.4g}" for k in keys or ())
 
 

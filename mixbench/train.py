@@ -39,6 +39,7 @@ from tqdm import tqdm
 from mixbench import UsageError
 from mixbench.checkpoint import load_checkpoint, remove_checkpoint, remove_partial_writes, save_checkpoint
 from mixbench.data import Dataset, DeviceLoader, load_dataset, make_loaders
+from mixbench.evaluate import filter_usage_during_training
 from mixbench.methods import create_method, soft_cross_entropy
 from mixbench.lock import RunLock
 from mixbench.models import count_parameters, create_model
@@ -332,6 +333,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
                 "epoch": epoch,
                 "train_loss": train_loss,
                 **evaluate(forward, test_loader, autocast),
+                **filter_usage_during_training(model, test_loader, spec, epoch),
                 "lr": optimizer.param_groups[0]["lr"],
                 "epoch_time_s": train_time,
                 "train_images_per_s": train_loader.num_samples / train_time,

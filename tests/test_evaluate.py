@@ -238,13 +238,47 @@ def test_run_id_ignores_eval():
     assert a.run_id == RunSpec(method="vanilla", dataset="synthetic", eval=["calibration"]).run_id
 
 
+def test_filter_usage_during_training_interval():
+    class Staged(GroupSum):
+        feature_info = [{"module": "stage"}]
+
+        def __init__(self):
+            super().__init__(2)
+            self.stage = nn.Identity()
+
+        def forward_features(self, x):
+            return self.stage(x)
+
+    net = Staged()
+    loader = [(torch.tensor([[3.0, 1.0, 0.0, 0.0]])[:, :, None, None], None)]
+    spec = RunSpec(method="vanilla", dataset="synthetic", epochs=6, filter_usage_every=2)
+    recorded = [e for e in range(6) if ev.filter_usage_during_training(net, loader, spec, e)]
+    assert recorded == [0, 2, 4, 5]  # every 2 epochs from the first, and the last
+    fu = ev.filter_usage_during_training(net, loader, spec, 0)["filter_usage"]
+    assert fu["features"]["norms"] == fu["stage"]["norms"] == [3.0, 1.0, 0.0, 0.0]
+    assert fu["mean_gini"] == pytest.approx(ev.gini([3, 1, 0, 0]))  # one stage
+    assert ev.filter_usage_during_training(net, loader, RunSpec(method="vanilla", dataset="synthetic"), 0) == {}
+    with pytest.raises(UsageError, match="filter_usage_every must be an integer >= 0"):
+        RunSpec(method="vanilla", dataset="synthetic", filter_usage_every=-1).resolved()
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    from mixbench.train import train_run
+
     out = tmp_path_factory.mktemp("runs")
-    assert main(["run", "--methods", "vanilla", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "128",
-                 "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    spec = RunSpec(method="vanilla", dataset="synthetic", epochs=1, batch_size=128, device="cpu",
+                   filter_usage_every=1).resolved()
+    train_run(spec, spec.run_dir(out), progress=False)
     (found,) = list(out.rglob("result.json"))
     return found.parent
+
+
+def test_filter_usage_recorded_during_training(run_dir):
+    (line,) = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fu = line["filter_usage"]
+    assert set(fu) >= {"mean_gini", "mean_effective_fraction", "stages.3", "features"}
+    assert len(fu["stages.3"]["norms"]) == 128 and 0 <= fu["mean_gini"] < 1
 
 
 def test_evaluate_cli_merges_into_result_json(run_dir, tmp_path):
@@ -273,7 +307,10 @@ def test_evaluate_cli_merges_into_result_json(run_dir, tmp_path):
     assert set(result2["eval"]) == {"calibration", "feature_removal", "adversarial", "filter_usage"}
     assert result2["eval"]["calibration"] == ev_["calibration"]  # present already: not rerun
     fu = result2["eval"]["filter_usage"]
-    assert set(fu) == {"stem.conv", "stages.0", "stages.1", "stages.2", "stages.3", "features"}
+    assert set(fu) == {"mean_gini", "mean_effective_fraction", "stem.conv", "stages.0", "stages.1", "stages.2",
+                       "stages.3", "features"}
+    stages = ["stem.conv", "stages.0", "stages.1", "stages.2", "stages.3"]  # the head's input is not a stage
+    assert fu["mean_gini"] == pytest.approx(sum(fu[k]["gini"] for k in stages) / 5)
     assert set(fu["stages.3"]) == {"channels", "gini", "effective_channels", "norms"}
     assert 1 <= fu["stages.3"]["effective_channels"] <= 128 and 0 <= fu["stages.3"]["gini"] < 1
 
