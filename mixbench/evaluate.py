@@ -209,7 +209,8 @@ def stage_channel_norms(net: nn.Module, batches: Iterable[torch.Tensor]) -> Dict
 
 def channel_norms(model: PixelModel, x: torch.Tensor, batch_size: int = 256) -> Dict[str, torch.Tensor]:
     """:func:`stage_channel_norms` of a pixel-space model on images ``x`` in [0, 1]."""
-    return stage_channel_norms(model.model, (model.normalise(x[i:i + batch_size]) for i in range(0, len(x), batch_size)))
+    batches = (model.normalise(x[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    return stage_channel_norms(model.model, batches)
 
 
 def filter_usage_summary(norms: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -629,11 +630,11 @@ def suite_loss_landscape(ctx: EvalContext, directions: int = 2, radius: float = 
         grid = [[loss(dirs[:2], [a, b]) for a in grid_a] for b in grid_a]
         out["contour"] = {"alpha": grid_a, "loss": grid}
         if ctx.run_dir is not None:
-            _plot_contour(grid_a, grid, ctx.run_dir / "loss_landscape_2d.png")
+            _plot_contour(grid_a, grid, ctx.run_dir / "loss_landscape_2d.png", split)
     return out
 
 
-def _plot_contour(alphas: List[float], grid: List[List[float]], path: Path) -> None:
+def _plot_contour(alphas: List[float], grid: List[List[float]], path: Path, split: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -644,7 +645,7 @@ def _plot_contour(alphas: List[float], grid: List[List[float]], path: Path) -> N
     ax.clabel(cs, fontsize=6)
     ax.set_xlabel("direction 1")
     ax.set_ylabel("direction 2")
-    ax.set_title("log training loss, filter-normalised directions")
+    ax.set_title(f"log {split} loss, filter-normalised directions")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -679,7 +680,9 @@ def parse_options(items: Iterable[str]) -> Dict[str, Dict[str, Any]]:
             raise UsageError(f"--set {item!r}: unknown suite {suite!r}; choose from: {', '.join(SUITES)}")
         valid = suite_options(suite)
         if name not in valid:
-            raise UsageError(f"--set {item!r}: unknown option {name!r} for {suite}; valid: {', '.join(valid) or '(none)'}")
+            raise UsageError(
+                f"--set {item!r}: unknown option {name!r} for {suite}; valid: {', '.join(valid) or '(none)'}"
+            )
         options.setdefault(suite, {})[name] = yaml.safe_load(value)
     return options
 
@@ -762,7 +765,8 @@ def evaluate_run(
         t0 = time.perf_counter()
         new[name] = SUITES[name](ctx, **options.get(name, {}))
         elapsed = time.perf_counter() - t0
-        meta[name] = {"time_s": round(elapsed, 3), "samples": len(ctx.y), "seed": seed, "options": options.get(name, {}),
+        meta[name] = {"time_s": round(elapsed, 3), "samples": len(ctx.y), "train_samples": len(ctx.train_y),
+                      "seed": seed, "options": options.get(name, {}),
                       "device": str(dev), "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         log(f"{run_dir}: {name} {_headline(name, new[name])} ({elapsed:.1f} s)")
     result = read_result(run_dir)  # re-read just before the write: keep whatever else is there
