@@ -274,7 +274,10 @@ def ensure_writable_dir(folder: Path) -> None:
     """Create ``folder`` and check that files can be created in it; raise the OSError otherwise."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=folder, prefix=".mixbench-write-test.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mixbench-write-test.")
+    except OSError as exc:  # name the folder, not the probe file
+        raise type(exc)(exc.errno, exc.strerror, str(folder)) from None
     try:
         os.write(fd, b"ok")
         os.fsync(fd)
