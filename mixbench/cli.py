@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -41,18 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered methods, data sets or models")
     p.add_argument("what", choices=["methods", "datasets", "models"])
 
-    p = sub.add_parser("run", help="train a grid of (method, seed) runs")
-    p.add_argument("--methods", default="all", help="'all' or a comma-separated list (default: all)")
-    p.add_argument("--dataset", default="digits", help="data set name (default: digits; see `mixbench list datasets`)")
+    p = sub.add_parser("run", help="train a grid of runs (here, or as a Slurm job array)")
+    p.add_argument("--config", type=Path, metavar="SPEC.yaml",
+                   help="benchmark spec (a YAML grid, e.g. benchmarks/digits.yaml); the flags below override it")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: train here (one run per GPU in parallel); slurm: submit one job array and return")
+    p.add_argument("--profile", type=Path, metavar="PROFILE.yaml",
+                   help="Slurm profile (partition, GPUs, time...; e.g. slurm/example.yaml); with --executor slurm")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the grid (and the sbatch script with --executor slurm) without running anything")
+    p.add_argument("--methods", help="'all' or a comma-separated list (default: the spec's, else all)")
+    p.add_argument("--dataset", help="data set name (default: the spec's, else digits; see `mixbench list datasets`)")
     p.add_argument("--model", help="timm model name or alias (default: the data set's)")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=_positive_float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=["cosine", "multistep"])
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the spec's, else 0)")
+    p.add_argument("--out", type=Path, help=f"results folder (default: the spec's `out`, else {DEFAULT_OUT})")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--data-dir", help="data folder (default: $MIXBENCH_DATA or ~/.cache/mixbench)")
     p.add_argument("--download", action="store_true", help="download the data set if it is missing")
     p.add_argument("--train-subset", type=_positive_int, metavar="N",
@@ -85,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SUITE.KEY=VALUE",
                    help="a suite option, e.g. adversarial.eps=0.0157 or corruption.severities=[3] (repeatable)")
     p.add_argument("--cache-dir", type=Path, help="corrupted-image cache (default: DATA_DIR/corrupted/DATASET)")
+
+    p = sub.add_parser("status", help="state of every cell of a grid: done / running / pending / failed")
+    p.add_argument("results", nargs="?", type=Path, metavar="RESULTS_DIR",
+                   help=f"results folder (default: the spec's `out` with --config, else {DEFAULT_OUT})")
+    p.add_argument("--config", type=Path, metavar="SPEC.yaml",
+                   help="list every cell of this benchmark spec, including those not started")
     return parser
 
 
@@ -111,20 +126,32 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from mixbench.data import normalise_dataset_name
-    from mixbench.launch import run_local
-    from mixbench.report import summary_table
-    from mixbench.spec import expand_grid, parse_methods, parse_seeds
+def _grid_from_args(args: argparse.Namespace):
+    """The grid of `run` / `status`: the --config spec (if any) with the command-line flags over it."""
+    from mixbench.grid import check_models, expand_spec, load_spec, spec_out
 
-    methods = parse_methods(args.methods)
-    seeds = parse_seeds(args.seeds)
-    args.dataset = normalise_dataset_name(args.dataset, args.data_dir)  # imagefolder[:PATH] -> absolute path
+    spec = load_spec(args.config) if getattr(args, "config", None) else {}
+    specs = expand_spec(spec, _run_overrides(args) if hasattr(args, "methods") else {})
+    check_models(specs)
+    return specs, (getattr(args, "out", None) or spec_out(spec, DEFAULT_OUT))
+
+
+def _run_overrides(args: argparse.Namespace) -> dict:
+    """Run options given on the command line (they override a benchmark spec)."""
+    from mixbench.spec import parse_methods, parse_seeds
+
     if args.data_dir and not Path(args.data_dir).is_dir() and not args.download:
         raise UsageError(f"--data-dir {args.data_dir!r} is not a folder (pass --download to create and fill it)")
-    options = {"dataset": args.dataset, "device": args.device, "data_dir": args.data_dir, "download": args.download,
-               "compile": args.compile}
-    for key in ("model", "epochs", "batch_size", "lr", "weight_decay", "schedule", "train_subset", "data_mode",
+    options = {}
+    if args.methods is not None:
+        options["methods"] = parse_methods(args.methods)
+    if args.seeds is not None:
+        options["seeds"] = parse_seeds(args.seeds)
+    if args.download:
+        options["download"] = True
+    if args.compile:
+        options["compile"] = True
+    for key in ("dataset", "device", "data_dir", "model", "epochs", "batch_size", "lr", "weight_decay", "schedule", "train_subset", "data_mode",
                 "image_size"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -132,16 +159,67 @@ def cmd_run(args: argparse.Namespace) -> int:
         from mixbench.evaluate import parse_suites
 
         options["eval"] = parse_suites(args.eval)
-    specs = expand_grid(methods, seeds, **options)
-    if specs:
-        from mixbench.models import resolve_model_name
+    return options
 
-        resolve_model_name(specs[0].model)
-    results = run_local(specs, args.out, progress=not args.no_progress)
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mixbench import launch
+    from mixbench.grid import describe
+
+    if args.profile and args.executor != "slurm":
+        raise UsageError(f"--profile {str(args.profile)!r} needs --executor slurm")
+    specs, out = _grid_from_args(args)
+    if args.executor == "slurm":
+        profile = launch.load_profile(args.profile)
+        if args.dry_run:
+            for s in specs:
+                print(f"{s.method:16s} {s.dataset:10s} {str(s.model):20s} seed {s.seed}  {s.run_dir(out)}")
+            folder = Path(profile.get("log_dir") or Path(out).resolve() / "slurm-logs")
+            print(f"\n# {describe(specs)}; sbatch script:\n")
+            print(launch.sbatch_script(profile, folder, len(specs)))
+            return 0
+        launch.submit_slurm(specs, out, profile)
+        return 0
+    if args.dry_run:
+        for s in specs:
+            print(f"{s.method:16s} {s.dataset:10s} {str(s.model):20s} seed {s.seed}  {s.run_dir(out)}")
+        print(f"# {describe(specs)}")
+        return 0
+    from mixbench.report import summary_table
+
+    devices = launch.local_devices(specs)
+    if devices:
+        results = launch.run_parallel(specs, out, devices, progress=not args.no_progress)
+    else:
+        results = launch.run_local(specs, out, progress=not args.no_progress)
     print()
     print(summary_table(results))
-    print(f"\nresults in {args.out}")
-    return 0
+    print(f"\nresults in {out}")
+    failed = sum(1 for r in results if r and r.get("status") == "failed")
+    if failed:
+        print(f"mixbench: {failed} run(s) failed (see result.json); rerun to retry them", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mixbench.launch import format_status, grid_status
+
+    if args.config and args.results:
+        out = args.results
+    elif args.config:
+        out = None
+    else:
+        out = args.results or DEFAULT_OUT
+    if args.config:
+        specs, spec_out = _grid_from_args(args)
+        out = out or spec_out
+    else:
+        specs = None
+        if not Path(out).is_dir():
+            raise UsageError(f"results folder {str(out)!r} does not exist")
+    cells = grid_status(specs, out)
+    print(format_status(cells, out))
+    return 1 if any(c.state == "failed" for c in cells) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -169,6 +247,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 COMMANDS["evaluate"] = cmd_evaluate
+COMMANDS["status"] = cmd_status
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -182,8 +261,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("mixbench: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except OSError as exc:
-        print(f"mixbench: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+    except OSError as exc:  # the environment: disk full, no permission, --out under a file...
+        where = exc.filename or getattr(args, "out", None)
+        hint = "; free some space or choose another --out" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"mixbench: error: {exc.strerror or exc}" + (f": {where}" if where else "") + hint, file=sys.stderr)
         return 1
 
 

@@ -168,10 +168,14 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
         return default
 
     methods = listed("methods", ["all"])
-    if methods == ["all"]:
-        methods = list_methods()
+    if methods == ["all"]:  # every registered method whose optional dependencies are installed
+        from mixbench.spec import parse_methods
+
+        methods = parse_methods("all")
     for name in methods:
-        get_method(str(name))
+        cls = get_method(str(name))
+        if hasattr(cls, "available") and not cls.available():
+            raise UsageError(cls.unavailable_reason())
     seeds = listed("seeds", [0])
     for seed in seeds:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
