@@ -51,7 +51,7 @@ import yaml
 from torch import nn
 
 from mixbench import UsageError
-from mixbench.results import atomic_write_bytes, atomic_write_json, read_result
+from mixbench.results import atomic_write_bytes, atomic_write_json, is_complete, read_result
 
 # ---------------------------------------------------------------------------
 # Model in pixel space
@@ -530,12 +530,6 @@ def suite_corruption(ctx: EvalContext, corruptions: Sequence[str] = tuple(DEFAUL
                      severities: Sequence[int] = (1, 2, 3, 4, 5)) -> Dict[str, Any]:
     corruptions = [corruptions] if isinstance(corruptions, str) else list(corruptions)
     severities = [severities] if isinstance(severities, int) else list(severities)
-    for c in corruptions:
-        if c not in CORRUPTIONS:
-            raise UsageError(f"unknown corruption {c!r}; choose from: {', '.join(CORRUPTIONS)}")
-    for s in severities:
-        if s not in (1, 2, 3, 4, 5):
-            raise UsageError(f"corruption severity must be in 1..5, got {s!r}")
     images = (ctx.x * 255).round().to(torch.uint8).cpu()
     per: Dict[str, Any] = {}
     for name in corruptions:
@@ -556,8 +550,6 @@ def suite_deformation(ctx: EvalContext, rotation: Sequence[float] = (10, 20, 30,
         magnitudes = [magnitudes] if isinstance(magnitudes, (int, float)) else list(magnitudes)
         accs = []
         for m in magnitudes:
-            if kind == "scale" and not m > 0:
-                raise UsageError(f"deformation scale must be positive, got {m!r}")
             moved = torch.cat([deform(ctx.x[i:i + ctx.batch_size].cpu(), kind, m, ctx.seed + i)
                                for i in range(0, len(ctx.x), ctx.batch_size)])
             accs.append(top1(predict(ctx.model, moved.to(ctx.device), ctx.batch_size), ctx.y))
@@ -598,8 +590,6 @@ def suite_filter_usage(ctx: EvalContext) -> Dict[str, Any]:
 
 @register_suite
 def suite_calibration(ctx: EvalContext, bins: int = 15) -> Dict[str, Any]:
-    if not isinstance(bins, int) or bins <= 0:
-        raise UsageError(f"calibration bins must be a positive integer, got {bins!r}")
     return {**calibration_metrics(predict(ctx.model, ctx.x, ctx.batch_size), ctx.y, bins), "bins": bins}
 
 
@@ -607,10 +597,6 @@ def suite_calibration(ctx: EvalContext, bins: int = 15) -> Dict[str, Any]:
 def suite_loss_landscape(ctx: EvalContext, directions: int = 2, radius: float = 0.5, span: float = 1.0,
                          points: int = 11, split: str = "train", contour: bool = False,
                          contour_points: int = 11) -> Dict[str, Any]:
-    if split not in ("train", "test"):
-        raise UsageError(f"loss_landscape split must be train or test, got {split!r}")
-    if directions < 1 or points < 2 or contour_points < 2:
-        raise UsageError("loss_landscape needs directions >= 1, points >= 2 and contour_points >= 2")
     x, y = (ctx.train_x, ctx.train_y) if split == "train" else (ctx.x, ctx.y)
     params = {n: p.detach() for n, p in ctx.model.model.named_parameters()}
     g = _generator(ctx.seed, "loss_landscape")
@@ -683,8 +669,61 @@ def parse_options(items: Iterable[str]) -> Dict[str, Dict[str, Any]]:
             raise UsageError(
                 f"--set {item!r}: unknown option {name!r} for {suite}; valid: {', '.join(valid) or '(none)'}"
             )
-        options.setdefault(suite, {})[name] = yaml.safe_load(value)
+        options.setdefault(suite, {})[name] = _check_option(item, yaml.safe_load(value), valid[name])
     return options
+
+
+def _check_option(item: str, value: Any, default: Any) -> Any:
+    """``value`` if it has the kind of ``default`` (numbers for numbers, lists of them for lists), else a usage error."""
+    def number(v: Any, kind: type) -> bool:
+        return isinstance(v, (int, float) if kind is float else kind) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = number(value, type(default))
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:  # a list (of numbers or of names), or None meaning a list of integers
+        kind = type(default[0]) if default else int
+        items = value if isinstance(value, list) else [value]
+        ok = bool(items) and all(number(v, kind) if kind in (int, float) else isinstance(v, kind) for v in items)
+    if not ok:
+        raise UsageError(f"--set {item!r}: expected a value like {default!r}")
+    return value
+
+
+def check_options(suite: str, options: Dict[str, Any]) -> None:
+    """Values a suite cannot use, reported before any run is loaded."""
+    o = {**suite_options(suite), **options}
+
+    def items(v: Any) -> List[Any]:
+        return list(v) if isinstance(v, (list, tuple)) else [v]
+
+    if suite == "corruption":
+        for c in items(o["corruptions"]):
+            if c not in CORRUPTIONS:
+                raise UsageError(f"unknown corruption {c!r}; choose from: {', '.join(CORRUPTIONS)}")
+        for sev in items(o["severities"]):
+            if sev not in (1, 2, 3, 4, 5):
+                raise UsageError(f"corruption severity must be in 1..5, got {sev!r}")
+    elif suite == "deformation":
+        if any(not m > 0 for m in items(o["scale"])):
+            raise UsageError(f"deformation scale must be positive, got {o['scale']!r}")
+    elif suite == "feature_removal":
+        if o["ks"] is not None and any(k < 0 for k in items(o["ks"])):
+            raise UsageError(f"feature_removal ks must be >= 0, got {o['ks']!r}")
+    elif suite == "calibration":
+        if o["bins"] <= 0:
+            raise UsageError(f"calibration bins must be a positive integer, got {o['bins']!r}")
+    elif suite == "adversarial":
+        if o["eps"] < 0 or o["pgd_steps"] < 0 or o["pgd_step_size"] < 0:
+            raise UsageError("adversarial eps, pgd_steps and pgd_step_size must be >= 0")
+    elif suite == "loss_landscape":
+        if o["split"] not in ("train", "test"):
+            raise UsageError(f"loss_landscape split must be train or test, got {o['split']!r}")
+        if o["directions"] < 1 or o["points"] < 2 or o["contour_points"] < 2:
+            raise UsageError("loss_landscape needs directions >= 1, points >= 2 and contour_points >= 2")
 
 
 def find_run_dirs(paths: Iterable[Path]) -> List[Path]:
@@ -695,9 +734,13 @@ def find_run_dirs(paths: Iterable[Path]) -> List[Path]:
         if not path.exists():
             raise UsageError(f"{str(path)!r} does not exist; give a run directory or a results folder")
         if (path / "result.json").exists():
-            found.append(path)
-        else:
-            found.extend(p.parent for p in sorted(path.rglob("result.json")) if (p.parent / "model.pt").exists())
+            found.append(path)  # named explicitly: an unfinished run is an error (in load_run)
+            continue
+        for result in sorted(path.rglob("result.json")):
+            if is_complete(result.parent) and (result.parent / "model.pt").exists():
+                found.append(result.parent)
+            else:
+                print(f"mixbench: skipping {result.parent}: not a finished run", file=sys.stderr)
     if not found:
         raise UsageError(f"no finished runs (result.json with model.pt) under {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))
@@ -749,6 +792,10 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     options = options or {}
+    for name in suites:
+        if name not in SUITES:
+            raise UsageError(f"unknown evaluation suite {name!r}; choose from: {', '.join(SUITES)}")
+        check_options(name, options.get(name, {}))
     dev = resolve_device(device)
     spec, model, data = load_run(run_dir, dev)
     test_idx = _subset(len(data.test_y), max_samples, seed, "test")
@@ -800,6 +847,7 @@ def run_cli(args: argparse.Namespace) -> int:
     for suite in options:
         if suite not in suites:
             raise UsageError(f"--set gives options for {suite!r}, which is not among --suite {args.suite!r}")
+        check_options(suite, options[suite])
     run_dirs = find_run_dirs(args.paths)
     for run_dir in run_dirs:
         evaluate_run(run_dir, suites, max_samples=args.max_samples, batch_size=args.batch_size,

@@ -229,6 +229,26 @@ def test_filter_normalised_direction():
             assert torch.allclose(d[name].flatten(1).norm(dim=1), p.flatten(1).norm(dim=1)), name
 
 
+def test_landscape_loss_moves_the_weights_without_changing_them():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    torch.manual_seed(0)
+    model = ev.PixelModel(Flat(), [0.5], [0.25]).eval()
+    x, y = torch.rand(10, 1, 3, 4), torch.arange(10) % 3
+    params = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    d = ev.filter_normalised_direction(params, torch.Generator().manual_seed(1))
+    w, b = params["fc.weight"] + 0.3 * d["fc.weight"], params["fc.bias"]  # the bias direction is zero
+    by_hand = F.cross_entropy(((x - 0.5) / 0.25).flatten(1) @ w.T + b, y).item()
+    assert ev.landscape_loss(model, params, [d], [0.3], x, y, batch_size=4) == pytest.approx(by_hand, rel=1e-5)
+    assert torch.equal(model.model.fc.weight, params["fc.weight"])  # the model itself is untouched
+
+
 # ---------------------------------------------------------------------------
 # End to end: a one-epoch synthetic run, then `mixbench evaluate`
 
@@ -335,12 +355,28 @@ def test_evaluate_all_suites_small(run_dir, tmp_path):
     (["--set", "adversarial.epsilon=1"], "unknown option 'epsilon' for adversarial; valid: eps"),
     (["--set", "adversarial"], "expected SUITE.KEY=VALUE"),
     (["--suite", "calibration", "--set", "adversarial.eps=0.1"], "not among --suite"),
+    (["--set", "adversarial.eps=big"], "adversarial.eps=big': expected a value like 0.031"),
+    (["--set", "adversarial.pgd_steps=2.5"], "expected a value like 10"),
+    (["--set", "corruption.corruptions=[fog]"], "unknown corruption 'fog'; choose from: gaussian_noise"),
+    (["--set", "corruption.severities=[0]"], "severity must be in 1..5"),
+    (["--set", "loss_landscape.split=val"], "split must be train or test"),
 ])
 def test_evaluate_bad_input(run_dir, capsys, argv, message):
     before = (run_dir / "result.json").read_bytes()
     assert main(["evaluate", str(run_dir), *argv]) == 2
     assert message in capsys.readouterr().err
     assert (run_dir / "result.json").read_bytes() == before
+
+
+def test_evaluate_skips_unfinished_runs_below_a_folder(run_dir, tmp_path, capsys):
+    failed = tmp_path / "x" / "seed0-failed"
+    failed.mkdir(parents=True)
+    (failed / "result.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(UsageError, match="no finished runs"):
+        ev.find_run_dirs([tmp_path])
+    assert "skipping" in capsys.readouterr().err
+    assert main(["evaluate", str(failed)]) == 2
+    assert "is not a finished run" in capsys.readouterr().err
 
 
 def test_evaluate_missing_path(tmp_path, capsys):
