@@ -173,6 +173,11 @@ class RunLock:
             age = self._age()
             # An empty or torn file: its creator died between open and write (or is writing now).
             return f"unreadable lock file, {age:.0f} s old" if age is not None and age > 10 else None
+        mine, theirs = _slurm_job(), owner.get("slurm")
+        if mine and theirs and (mine["job"], mine["procid"]) == (theirs.get("job"), theirs.get("procid")) \
+                and mine["restart"] != theirs.get("restart"):
+            # Slurm runs one incarnation of a job at a time: the earlier one is being replaced.
+            return f"left by an earlier run of Slurm job {mine['job']}"
         pid = owner.get("pid")
         if owner.get("host") == socket.gethostname() and isinstance(pid, int):
             if not _alive(pid):
@@ -181,10 +186,6 @@ class RunLock:
             if start is not None and _proc_start(pid) not in (None, start):
                 return f"pid {pid} now belongs to another process"
             return None
-        mine, theirs = _slurm_job(), owner.get("slurm")
-        if mine and theirs and (mine["job"], mine["procid"]) == (theirs.get("job"), theirs.get("procid")) \
-                and mine["restart"] != theirs.get("restart"):
-            return f"left by an earlier run of Slurm job {mine['job']}"
         age = self._age()
         if age is not None and age > self.stale_after_s:
             return f"no heartbeat from {describe_owner(owner)} for {age:.0f} s"
