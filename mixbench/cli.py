@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--eval", help="evaluation suites to run after training: 'all' or a comma-separated list "
                    "(see `mixbench evaluate`)")
+    p.add_argument("--filter-usage-every", type=_positive_int, metavar="N",
+                   help="record per-stage filter usage in metrics.jsonl every N epochs")
 
     p = sub.add_parser("report", help="Markdown/LaTeX/CSV tables and plots from run directories")
     p.add_argument("results", nargs="*", type=Path, metavar="RESULTS_DIR",
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"results folder (default: the spec's `out` with --config, else {DEFAULT_OUT})")
     p.add_argument("--config", type=Path, metavar="SPEC.yaml",
                    help="list every cell of this benchmark spec, including those not started")
+    p.add_argument("--methods", help="with --config: the same override as given to `run`")
+    p.add_argument("--seeds", help="with --config: the same override as given to `run`")
+    p.add_argument("--epochs", type=_positive_int, help="with --config: the same override as given to `run`")
     return parser
 
 
@@ -140,6 +145,7 @@ def _run_overrides(args: argparse.Namespace) -> dict:
     """Run options given on the command line (they override a benchmark spec)."""
     from mixbench.spec import parse_methods, parse_seeds
 
+    args = argparse.Namespace(**{**{k: None for k in ("data_dir", "download", "compile", "eval")}, **vars(args)})
     if args.data_dir and not Path(args.data_dir).is_dir() and not args.download:
         raise UsageError(f"--data-dir {args.data_dir!r} is not a folder (pass --download to create and fill it)")
     options = {}
@@ -152,8 +158,8 @@ def _run_overrides(args: argparse.Namespace) -> dict:
     if args.compile:
         options["compile"] = True
     for key in ("dataset", "device", "data_dir", "model", "epochs", "batch_size", "lr", "weight_decay", "schedule", "train_subset", "data_mode",
-                "image_size"):
-        if getattr(args, key) is not None:
+                "image_size", "filter_usage_every"):
+        if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     if args.eval:
         from mixbench.evaluate import parse_suites

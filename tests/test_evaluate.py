@@ -284,12 +284,9 @@ def test_filter_usage_during_training_interval():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from mixbench.train import train_run
-
     out = tmp_path_factory.mktemp("runs")
-    spec = RunSpec(method="vanilla", dataset="synthetic", epochs=1, batch_size=128, device="cpu",
-                   filter_usage_every=1).resolved()
-    train_run(spec, spec.run_dir(out), progress=False)
+    assert main(["run", "--methods", "vanilla", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "128",
+                 "--device", "cpu", "--out", str(out), "--no-progress", "--filter-usage-every", "1"]) == 0
     (found,) = list(out.rglob("result.json"))
     return found.parent
 
