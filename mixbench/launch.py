@@ -405,6 +405,7 @@ def submit_slurm(specs: Sequence[RunSpec], out: Path, profile: Mapping[str, Any]
           f"{len(todo)} to submit", file=sys.stderr)
     if not todo:
         return None
+    todo = _download_once([s for s, _ in todo], [d for _, d in todo])
     folder = Path(profile.get("log_dir") or out / "slurm-logs").resolve()
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(profile.get("max_num_timeout", 3)),
                                       python=python_command(profile))
@@ -424,6 +425,20 @@ def submit_slurm(specs: Sequence[RunSpec], out: Path, profile: Mapping[str, Any]
     print(f"  squeue -j {array_id}")
     print(f"  logs: {folder}/{array_id}_<task>_0_log.out and .err")
     return array_id
+
+
+def _download_once(specs: List[RunSpec], dirs: List[Path]) -> List[Tuple[RunSpec, Path]]:
+    """Fetch every data set asked with ``download`` here, once, so that array tasks never download concurrently."""
+    fetched = set()
+    for spec in specs:
+        key = (spec.dataset, spec.data_dir)
+        if spec.download and key not in fetched:
+            from mixbench.data import load_dataset
+
+            print(f"mixbench: fetching {spec.dataset} before submitting", file=sys.stderr)
+            load_dataset(spec.dataset, spec.data_dir, True)
+            fetched.add(key)
+    return [(dataclasses.replace(s, download=False), d) for s, d in zip(specs, dirs)]
 
 
 # ---------------------------------------------------------------------------
