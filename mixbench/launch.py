@@ -404,6 +404,7 @@ def submit_slurm(specs: Sequence[RunSpec], out: Path, profile: Mapping[str, Any]
     print(f"mixbench: {len(specs)} runs: {done} complete (skipped), {active} already queued/running, "
           f"{len(todo)} to submit", file=sys.stderr)
     if not todo:
+        print("nothing to submit: every run is complete or already queued")
         return None
     todo = _download_once([s for s, _ in todo], [d for _, d in todo])
     folder = Path(profile.get("log_dir") or out / "slurm-logs").resolve()
