@@ -236,7 +236,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.out or roots[0] / "report"
     report = write_report(roots, out, metric=metric, formats=formats, plots=not args.no_plots)
     print(report["markdown"])
-    print(f"{len(report['runset'].runs)} complete runs, {len(report['runset'].problems)} incomplete or failed")
+    print(f"{len(report['runset'].runs)} complete run(s), {len(report['runset'].problems)} incomplete or failed")
     print(f"report in {out}:")
     for path in report["files"]:
         print(f"  {path}")

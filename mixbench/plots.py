@@ -111,7 +111,7 @@ def _bars(ax, summary: pd.DataFrame, rows: Sequence[str], colors, *, zoom: bool,
         span = max(hi - lo, 1.0)
         ax.set_ylim(max(0.0, lo - 0.5 * span), hi + 0.35 * span)
     else:
-        ax.set_ylim(0, hi * 1.15 if hi > 0 else 1.0)
+        ax.set_ylim(0, hi * 1.25 if hi > 0 else 1.0)
     for xi, m, e, n in zip(x, means, yerr, summary["n"]):
         ax.annotate(f"{m:{fmt}}\n(n={int(n)})", (xi, m + e), ha="center", va="bottom", fontsize="small",
                     xytext=(0, 2), textcoords="offset points")
@@ -166,16 +166,19 @@ def plot_eval(agg: pd.DataFrame, out: Path, rows, colors, eval_keys: Sequence[st
         return []
     groups = sorted(ev["column"].unique())
     metrics = [k for k in eval_keys if f"eval.{k}" in set(ev["quantity"])]
-    ncols = len(metrics)
-    fig, axes = plt.subplots(len(groups), ncols, figsize=(max(3.2, 0.7 * len(rows) + 1.2) * ncols, 3.8 * len(groups)),
-                             squeeze=False)
+    ncols = min(4, len(metrics))
+    per_group = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(len(groups) * per_group, ncols, squeeze=False,
+                             figsize=(max(3.2, 0.7 * len(rows) + 1.2) * ncols, 3.8 * len(groups) * per_group))
+    for ax in axes.flat:
+        ax.set_visible(False)
     for gi, g in enumerate(groups):
         for mi, key in enumerate(metrics):
-            ax = axes[gi][mi]
+            ax = axes[gi * per_group + mi // ncols][mi % ncols]
             sub = ev[(ev["column"] == g) & (ev["quantity"] == f"eval.{key}")]
             if sub.empty:
-                ax.set_visible(False)
                 continue
+            ax.set_visible(True)
             _bars(ax, sub, rows, colors, zoom=False, fmt=".3g")
             better = "lower is better" if _eval_better(key) == "min" else "higher is better"
             unit = " (%)" if key.endswith(("top1", "auc", "ece")) else ""

@@ -304,7 +304,7 @@ def test_cli_report_writes_files_and_says_where(results, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"report in {out}:" in printed and str(out / "table.md") in printed
     assert (out / "table.md").exists() and (out / "runs.csv").exists() and not (out / "table.tex").exists()
-    assert "7 complete runs, 0 incomplete or failed" in printed
+    assert "7 complete run(s), 0 incomplete or failed" in printed
 
 
 @pytest.mark.parametrize("argv,message", [
