@@ -233,7 +233,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     metric, formats = parse_metric(args.metric), parse_formats(args.format)
     roots = args.results or [DEFAULT_OUT]
-    out = args.out or roots[0] / "report"
+    out = args.out or (roots[0].parent if roots[0].is_file() else roots[0]) / "report"
     report = write_report(roots, out, metric=metric, formats=formats, plots=not args.no_plots)
     print(report["markdown"])
     print(f"{len(report['runset'].runs)} complete run(s), {len(report['runset'].problems)} incomplete or failed")

@@ -307,6 +307,14 @@ def test_cli_report_writes_files_and_says_where(results, tmp_path, capsys):
     assert "7 complete run(s), 0 incomplete or failed" in printed
 
 
+def test_cli_default_out_is_inside_the_first_results_folder(results, capsys):
+    assert main(["report", str(results), "--format", "md", "--no-plots"]) == 0
+    assert (results / "report" / "table.md").exists()
+    one = next(results.rglob("result.json"))
+    assert main(["report", str(one), "--format", "md", "--no-plots"]) == 0
+    assert (one.parent / "report" / "table.md").exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["report", "{empty}"], "no results (result.json) found under"),
     (["report", "{missing}"], "does not exist"),
