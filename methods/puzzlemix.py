@@ -306,8 +306,14 @@ def transport_plan(mask: torch.Tensor, unary: torch.Tensor, t_eps: float) -> tor
     rows = torch.arange(n2, device=mask.device).expand(n_batch, n2)
     inf = torch.full((n_batch, n2), math.inf, device=mask.device, dtype=cost.dtype)
     none = torch.full((n_batch, n2), n2, device=mask.device, dtype=torch.long)
-    for _ in range(side):
-        best = cost.min(-1).indices  # (N, n2): each source's chosen destination
+    best = cost.min(-1).indices  # (N, n2): each source's cheapest destination
+    for step in range(side):
+        if step:  # only the losers' rows changed: re-take their arg-min (alone when they are few)
+            if lost.sum() * 4 > lost.numel():
+                best = cost.min(-1).indices
+            else:
+                redo = lost.nonzero(as_tuple=True)
+                best = best.index_put(redo, cost[redo].min(-1).indices)
         chosen = cost.gather(-1, best[..., None]).squeeze(-1)
         claims = torch.zeros_like(best).scatter_add_(-1, best, torch.ones_like(best))
         col_min = inf.scatter_reduce(-1, best, chosen, "amin", include_self=True)
