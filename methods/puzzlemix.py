@@ -103,6 +103,32 @@ def _cut_chunk(unary: np.ndarray, pw_v: np.ndarray, pw_h: np.ndarray, smooth: np
     ])
 
 
+def _watch_trainer(pid: int) -> None:
+    """Worker initialiser: exit (and end the fork server) once the training process ``pid`` is gone.
+
+    A training process killed without running ``close()`` would otherwise leave the pool behind.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
+        return
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                if os.getppid() not in (pid, 1):
+                    os.kill(os.getppid(), signal.SIGTERM)
+                os._exit(0)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 class GraphCutPool:
     """Worker processes that solve the graph cuts of a batch in parallel.
 
@@ -133,7 +159,9 @@ class GraphCutPool:
             ctx = multiprocessing.get_context(method)
             if method == "forkserver":
                 ctx.set_forkserver_preload([__name__])
-            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=ctx, initializer=_watch_trainer, initargs=(os.getpid(),)
+            )
         return self._executor
 
     def solve(self, unary: np.ndarray, pw_v: np.ndarray, pw_h: np.ndarray, smooth: np.ndarray) -> np.ndarray:
