@@ -53,7 +53,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -223,7 +222,7 @@ def graph_cut_costs(
     neigh_size: int = 4,
     n_labels: int = 3,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The integer graph-cut problem of every sample: unary (N, n, n, L), vertical and horizontal edge weights, label cost.
+    """Every sample's integer graph-cut problem: unaries (N, n, n, L), vertical and horizontal edge weights, label costs.
 
     Label l shows the sample's own image with weight ``1 - l / (L - 1)``. The
     arithmetic follows the reference step by step (float32 on the device,
