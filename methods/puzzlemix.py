@@ -222,7 +222,7 @@ def graph_cut_costs(
     neigh_size: int = 4,
     n_labels: int = 3,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every sample's integer graph-cut problem: unaries (N, n, n, L), vertical and horizontal edge weights, label costs.
+    """Every sample's integer graph-cut problem: unaries (N, n, n, L), vertical and horizontal edge weights, label cost.
 
     Label l shows the sample's own image with weight ``1 - l / (L - 1)``. The
     arithmetic follows the reference step by step (float32 on the device,
