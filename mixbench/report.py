@@ -40,8 +40,8 @@ FORMATS = ("md", "latex", "csv")
 _NOT_PROTOCOL = ("method", "method_params", "seed", "dataset", "model", "device", "data_dir", "download", "compile")
 # Written by the launcher into a run folder before the run starts (with the error when it failed).
 _LAUNCH_FILE = "launch.json"
-# Eval metrics whose name matches this are better when lower.
-_LOWER_IS_BETTER = re.compile(r"(^|[._\-])(err|error|loss|loss0|nll|ece|mce|ce|drop|sharpness)s?($|[._\-])", re.I)
+# Eval metrics whose name matches this are better when lower (a lower Gini: wider filter use).
+_LOWER_IS_BETTER = re.compile(r"(^|[._\-])(err|error|loss|loss0|nll|ece|mce|ce|drop|sharpness|gini)s?($|[._\-])", re.I)
 # Robustness metrics of result["eval"] shown in the table and plots, per suite (every scalar goes to the
 # CSV files). A suite not listed here shows its top-level numbers.
 EVAL_HEADLINES: Dict[str, Tuple[str, ...]] = {
@@ -51,7 +51,7 @@ EVAL_HEADLINES: Dict[str, Tuple[str, ...]] = {
     "feature_removal": ("auc",),
     "calibration": ("ece", "nll"),
     "loss_landscape": ("sharpness",),
-    "filter_usage": (),
+    "filter_usage": ("mean_gini", "mean_effective_fraction"),
 }
 
 
@@ -130,6 +130,20 @@ def flatten_eval(value: Any, prefix: str = "") -> Dict[str, float]:
         if math.isfinite(float(value)):
             out[prefix] = float(value)
     return out
+
+
+def _with_filter_usage_means(ev: Dict[str, Any]) -> Dict[str, Any]:
+    """``ev`` with ``filter_usage.mean_gini``/``mean_effective_fraction`` filled in from the per-stage numbers
+    when an older evaluation did not write them."""
+    fu = ev.get("filter_usage") if isinstance(ev, dict) else None
+    if not isinstance(fu, dict) or ("mean_gini" in fu and "mean_effective_fraction" in fu):
+        return ev
+    from mixbench.plots import filter_usage_means
+
+    gini_, eff = filter_usage_means(fu)
+    if not (math.isfinite(gini_) and math.isfinite(eff)):
+        return ev
+    return {**ev, "filter_usage": {"mean_gini": gini_, "mean_effective_fraction": eff, **fu}}
 
 
 def _protocol(result: Dict[str, Any]) -> Dict[str, Any]:
@@ -219,7 +233,7 @@ def load_runs(roots: Iterable[Path]) -> RunSet:
             continue
         if key is not None:
             seen[key] = run_dir
-        ev = flatten_eval(r.get("eval") or {})
+        ev = flatten_eval(_with_filter_usage_means(r.get("eval") or {}))
         proto = _protocol(r)
         records.append({
             **base,
@@ -415,8 +429,9 @@ def build_table(runset: RunSet, metric: str = "final") -> Table:
             if (g, f"eval.{key}") in present:
                 arrow = "↓" if _eval_better(key) == "min" else "↑"
                 larrow = r"$\downarrow$" if _eval_better(key) == "min" else r"$\uparrow$"
+                decimals = 3 if key.startswith("filter_usage.") else 2  # fractions in [0, 1]
                 columns.append(Column(g, f"eval.{key}", f"{key} {arrow}", f"{latex_escape(key)} {larrow}",
-                                      _eval_better(key), 2, True))
+                                      _eval_better(key), decimals, True))
 
     cells: Dict[Tuple[str, int], Tuple[float, float, int]] = {}
     for j, col in enumerate(columns):

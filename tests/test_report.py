@@ -339,3 +339,109 @@ def test_summary_table_for_run_still_works(results):
     runs = [json.loads(p.read_text()) for p in sorted(results.rglob("result.json"))]
     text = summary_table(runs)
     assert "vanilla" in text and "92.00 +- 2.00" in text and "1.50x" in text
+
+
+# ---------------------------------------------------------------------------
+# feature-removal and filter-usage plots
+# ---------------------------------------------------------------------------
+def filter_usage_record(skew: float) -> dict:
+    """A filter_usage record as mixbench.evaluate writes it; ``skew`` > 0 concentrates the norms."""
+    from mixbench.evaluate import filter_usage_summary
+
+    torch = pytest.importorskip("torch")
+    norms = {name: torch.linspace(1.0, 1.0 + skew * c, c, dtype=torch.float64)
+             for name, c in (("stages.0", 8), ("stages.1", 16), ("features", 16))}
+    return filter_usage_summary(norms)
+
+
+def filter_results(tmp_path, *, with_curves=True):
+    """vanilla (concentrated filters, steep removal curve) and catchup_mix (wide use) x 2 seeds."""
+    root = tmp_path / "fu"
+    for method, skew, drop in (("vanilla", 3.0, 30.0), ("catchup_mix", 0.2, 10.0)):
+        for seed in (0, 1):
+            ev = {"feature_removal": {"channels": 16, "k": [0, 1, 2, 4, 8],
+                                      "top1": [90.0 + seed, 85.0, 80.0 - drop, 60.0 - drop, 20.0], "auc": 50.0},
+                  "filter_usage": filter_usage_record(skew + 0.1 * seed)}
+            run = make_run(root, method, seed, 90.0 + seed, eval_=ev)
+            if with_curves:
+                lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+                for i, line in enumerate(lines):
+                    line["filter_usage"] = filter_usage_record(skew * (i + 1))
+                (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+def check_image_files(plots: dict, stem: str) -> None:
+    png, pdf = plots[f"{stem}.png"], plots[f"{stem}.pdf"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, stem
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 2_000, stem
+
+
+def test_feature_removal_and_filter_usage_plots_are_written(tmp_path):
+    report = write_report([filter_results(tmp_path)], tmp_path / "rep", formats=["md"])
+    plots = {p.name: p for p in report["files"] if p.parent.name == "plots"}
+    for stem in ("feature_removal", "filter_usage_norms", "filter_usage_gini", "filter_usage_per_epoch"):
+        check_image_files(plots, stem)
+        assert (tmp_path / "rep" / "plots" / f"{stem}.png").exists()
+
+
+def test_feature_removal_and_filter_usage_frames(tmp_path):
+    from mixbench.plots import feature_removal_frame, filter_usage_epochs_frame, filter_usage_frames
+    from mixbench.report import label_runs
+
+    runs = label_runs(load_runs([filter_results(tmp_path)]).runs)
+    fr = feature_removal_frame(runs)
+    assert len(fr) == 4 * 5 and sorted(fr["k"].unique()) == [0, 1, 2, 4, 8]
+    k0 = fr[(fr["row"] == "vanilla") & (fr["k"] == 0)]["top1"]
+    assert sorted(k0) == [90.0, 91.0]
+    shares, stats = filter_usage_frames(runs)
+    # one sorted share curve per (run, stage): C points, descending, summing to 1, rank from 1/C to 1
+    for (_, seed, stage), sub in shares.groupby(["row", "seed", "stage"]):
+        c = {"stages.0": 8, "stages.1": 16, "features": 16}[stage]
+        assert len(sub) == c and abs(sub["share"].sum() - 1.0) < 1e-9
+        assert list(sub["share"]) == sorted(sub["share"], reverse=True)
+        assert sub["rank"].min() == pytest.approx(1 / c) and sub["rank"].max() == 1.0
+    g = stats.groupby("row")["gini"].mean()
+    assert g["vanilla"] > g["catchup_mix"] > 0  # concentrated norms: higher Gini
+    e = stats.groupby("row")["effective_fraction"].mean()
+    assert e["vanilla"] < e["catchup_mix"] <= 1.0
+    epochs = filter_usage_epochs_frame(runs)
+    assert len(epochs) == 4 * 3 and sorted(epochs["epoch"].unique()) == [1, 2, 3]
+    van = epochs[(epochs["row"] == "vanilla") & (epochs["seed"] == 0)].sort_values("epoch")
+    assert list(van["mean_gini"]) == sorted(van["mean_gini"])  # skew grows with the epoch in the fixture
+
+
+def test_filter_usage_headline_columns_lower_gini_is_better(tmp_path):
+    md = write_report([filter_results(tmp_path, with_curves=False)], tmp_path / "rep", formats=["md"],
+                      plots=False)["markdown"]
+    names = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    gi, ei = names.index("filter_usage.mean_gini ↓"), names.index("filter_usage.mean_effective_fraction ↑")
+    assert md_row(md, "catchup_mix")[gi].startswith("**0.")  # the lower Gini is the best
+    assert md_row(md, "catchup_mix")[ei].startswith("**0.")
+    assert not md_row(md, "vanilla")[gi].startswith("**")
+
+
+def test_filter_usage_means_filled_in_for_older_records(tmp_path):
+    from mixbench.plots import filter_usage_means
+
+    fu = filter_usage_record(1.0)
+    want = (fu["mean_gini"], fu["mean_effective_fraction"])
+    old = {k: v for k, v in fu.items() if not k.startswith("mean_")}
+    assert filter_usage_means(old) == pytest.approx(want)
+    make_run(tmp_path / "r", "vanilla", 0, 90.0, eval_={"filter_usage": old})
+    runs = load_runs([tmp_path / "r"])
+    assert "filter_usage.mean_gini" in runs.eval_keys
+    assert runs.runs["eval.filter_usage.mean_gini"].iloc[0] == pytest.approx(want[0])
+
+
+def test_no_feature_removal_or_filter_usage_plots_without_data(tmp_path):
+    report = write_report([two_dataset_results(tmp_path)], tmp_path / "rep", formats=["md"])
+    names = {p.name for p in report["files"]}
+    assert "robustness.png" in names
+    for stem in ("feature_removal", "filter_usage_norms", "filter_usage_gini", "filter_usage_per_epoch"):
+        assert f"{stem}.png" not in names and not (tmp_path / "rep" / "plots" / f"{stem}.png").exists()
+    # evaluation data but no per-epoch records: the epoch plot alone is left out
+    report = write_report([filter_results(tmp_path, with_curves=False)], tmp_path / "rep2", formats=["md"])
+    names = {p.name for p in report["files"]}
+    assert {"feature_removal.png", "filter_usage_norms.png", "filter_usage_gini.png"} <= names
+    assert "filter_usage_per_epoch.png" not in names
