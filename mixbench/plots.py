@@ -399,6 +399,8 @@ def plot_filter_usage_epochs(runs: pd.DataFrame, out: Path, rows: Sequence[str],
             ax.set_title(f"{g}: {words}", fontsize="medium")
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{'Gini' if y == 'mean_gini' else 'effective channels / C'}, mean ± std over seeds")
+            if sub["epoch"].nunique() <= 20:
+                ax.set_xticks(sorted(sub["epoch"].unique()))
             ax.legend(title="method", fontsize="x-small", title_fontsize="x-small")
     fig.tight_layout()
     return _save(fig, out, "filter_usage_per_epoch")
