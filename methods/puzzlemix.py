@@ -207,6 +207,19 @@ def _neigh_penalty(a: torch.Tensor, b: torch.Tensor, k: int) -> Tuple[torch.Tens
     return F.avg_pool2d(v.abs().mean(1), kernel_size=(1, k)), F.avg_pool2d(h.abs().mean(1), kernel_size=(k, 1))
 
 
+def block_saliency(saliency: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Saliency (N, H, W) pooled over blocks and normalised to sum 1 per sample.
+
+    Deviation: a sample whose saliency is all zero (its loss gradient vanished,
+    e.g. a confidently right prediction late in training) gets a uniform
+    distribution; the reference divides 0 by 0 and hands NaN to the graph cut.
+    """
+    pooled = F.avg_pool2d(saliency, block_size)
+    total = pooled.reshape(pooled.shape[0], -1).sum(1).reshape(-1, 1, 1)  # the reference's reduction order
+    uniform = torch.full_like(pooled, 1.0 / pooled[0].numel())
+    return torch.where(total > 0, pooled / total.clamp_min(torch.finfo(pooled.dtype).tiny), uniform)
+
+
 def graph_cut_costs(
     x: torch.Tensor,
     saliency: torch.Tensor,
@@ -235,8 +248,7 @@ def graph_cut_costs(
     beta = float(beta) / block_num / 16
     mean, std = _stats(x, mean, std)
 
-    pooled = F.avg_pool2d(saliency, block_size)
-    unary_own = pooled / pooled.reshape(n, -1).sum(1).reshape(n, 1, 1)
+    unary_own = block_saliency(saliency, block_size)
     unary_partner = unary_own[perm]
 
     img_own = F.avg_pool2d(x * std + mean, neigh_size)
@@ -449,8 +461,7 @@ def puzzle_mix(
             mask = F.interpolate(mask, size=side)
         else:
             side = block_num
-        pooled = F.avg_pool2d(saliency, width // side)
-        unary = pooled / pooled.reshape(n, -1).sum(1).reshape(n, 1, 1)
+        unary = block_saliency(saliency, width // side)
         # Both images of every pair in one batch of 2N: half the number of (small) device operations.
         winner = transport_plan(torch.cat([mask, 1 - mask]), torch.cat([unary, unary[perm]]), t_eps)
         x, partner = transport_blocks(torch.cat([x, partner]), winner, side).chunk(2)

@@ -104,6 +104,19 @@ def test_lambda_prior_decides_flat_saliency():
     assert torch.equal(own, torch.ones_like(own)) and torch.equal(partner, torch.zeros_like(partner))
 
 
+def test_zero_saliency_counts_as_flat_not_nan():
+    # A sample whose loss gradient vanished has all-zero saliency; it must behave like flat saliency.
+    x, saliency, perm = batch(width=8)
+    zero, flat = saliency.clone(), saliency.clone()
+    zero[2], flat[2] = 0.0, 1.0
+    assert torch.equal(pm.block_saliency(zero, 2)[2], torch.full((4, 4), 1 / 16))
+    with np.errstate(invalid="raise"):  # a NaN cast to int would raise here
+        masks = pm.graph_cut_masks(x, zero, perm, 0.6, 4)
+    assert torch.equal(masks, pm.graph_cut_masks(x, flat, perm, 0.6, 4))
+    mixed, ratio = pm.puzzle_mix(x, zero, perm, 0.6, 4)
+    assert torch.isfinite(mixed).all() and ((ratio >= 0) & (ratio <= 1)).all()
+
+
 def test_ratio_is_the_mask_mean_and_mixing_is_per_pixel():
     x, saliency, perm = batch()
     mixed, ratio = pm.puzzle_mix(x, saliency, perm, 0.4, 4, transport=False)
