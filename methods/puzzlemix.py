@@ -46,7 +46,10 @@ PreActResNet-18 (``--mixup_alpha 1.0 --graph True --n_labels 3 --eta 0.2 --beta
 Image sides: grid sizes that do not divide the image side are left out of the
 draw. At 16x16 (the ``digits`` data set) the 16-block grid has one pixel per
 block, which is what the reference does with a 16x16 input (``neigh_size`` and
-``t_size`` shrink to the block size, as in the reference).
+``t_size`` shrink to the block size, as in the reference). Sides that are not a
+power of two (28x28 Fashion-MNIST: blocks of 14 and 7 pixels) take the largest
+divisor of the block size not above ``neigh_size`` for the pairwise term, where
+the reference would fail; wherever the reference runs the value is its own.
 """
 from __future__ import annotations
 
@@ -244,7 +247,10 @@ def graph_cut_costs(
     n, _, _, width = x.shape
     block_num = int(block_num)
     block_size = width // block_num
-    neigh_size = min(neigh_size, block_size)
+    # The reference takes min(neigh_size, block_size), which must divide the block (it does for the
+    # power-of-two sides it supports). Other sides (28 px: blocks of 14 and 7) use the largest divisor
+    # of the block size not above that: the same value wherever the reference runs.
+    neigh_size = max(d for d in range(1, min(neigh_size, block_size) + 1) if block_size % d == 0)
     beta = float(beta) / block_num / 16
     mean, std = _stats(x, mean, std)
 

@@ -117,6 +117,15 @@ def test_zero_saliency_counts_as_flat_not_nan():
     assert torch.isfinite(mixed).all() and ((ratio >= 0) & (ratio <= 1)).all()
 
 
+def test_sides_that_are_not_powers_of_two_mix():
+    # 28 px (Fashion-MNIST): blocks of 14 and 7 pixels are not multiples of neigh_size 4.
+    x, saliency, perm = batch(width=28)
+    for block_num in (2, 4):
+        mixed, ratio = pm.puzzle_mix(x, saliency, perm, 0.5, block_num)
+        assert mixed.shape == x.shape and torch.isfinite(mixed).all()
+        assert ((ratio >= 0) & (ratio <= 1)).all()
+
+
 def test_ratio_is_the_mask_mean_and_mixing_is_per_pixel():
     x, saliency, perm = batch()
     mixed, ratio = pm.puzzle_mix(x, saliency, perm, 0.4, 4, transport=False)
