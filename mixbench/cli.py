@@ -145,27 +145,27 @@ def _run_overrides(args: argparse.Namespace) -> dict:
     """Run options given on the command line (they override a benchmark spec)."""
     from mixbench.spec import parse_methods, parse_seeds
 
-    args = argparse.Namespace(**{**{k: None for k in ("data_dir", "download", "compile", "eval")}, **vars(args)})
-    if args.data_dir and not Path(args.data_dir).is_dir() and not args.download:
-        raise UsageError(f"--data-dir {args.data_dir!r} is not a folder (pass --download to create and fill it)")
-    options = {}
-    if args.methods is not None:
-        options["methods"] = parse_methods(args.methods)
-    if args.seeds is not None:
-        options["seeds"] = parse_seeds(args.seeds)
-    if args.download:
-        options["download"] = True
-    if args.compile:
-        options["compile"] = True
-    for key in ("dataset", "device", "data_dir", "model", "epochs", "batch_size", "lr", "weight_decay", "schedule", "train_subset", "data_mode",
-                "image_size", "filter_usage_every"):
-        if getattr(args, key, None) is not None:
-            options[key] = getattr(args, key)
-    if args.eval:
+    given = {k: v for k, v in vars(args).items() if v is not None and v is not False}  # `status` has fewer flags
+    data_dir = given.get("data_dir")
+    if data_dir and not Path(data_dir).is_dir() and not given.get("download"):
+        raise UsageError(f"--data-dir {data_dir!r} is not a folder (pass --download to create and fill it)")
+    options = {k: given[k] for k in _RUN_OPTION_FLAGS if k in given}
+    if "methods" in given:
+        options["methods"] = parse_methods(given["methods"])
+    if "seeds" in given:
+        options["seeds"] = parse_seeds(given["seeds"])
+    if "eval" in given:
         from mixbench.evaluate import parse_suites
 
-        options["eval"] = parse_suites(args.eval)
+        options["eval"] = parse_suites(given["eval"])
     return options
+
+
+# Flags of `run` that are RunSpec options of the same name.
+_RUN_OPTION_FLAGS = (
+    "dataset", "device", "data_dir", "download", "compile", "model", "epochs", "batch_size", "lr", "weight_decay",
+    "schedule", "train_subset", "data_mode", "image_size", "filter_usage_every",
+)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -175,21 +175,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.profile and args.executor != "slurm":
         raise UsageError(f"--profile {str(args.profile)!r} needs --executor slurm")
     specs, out = _grid_from_args(args)
-    if args.executor == "slurm":
-        profile = launch.load_profile(args.profile)
-        if args.dry_run:
-            for s in specs:
-                print(f"{s.method:16s} {s.dataset:10s} {str(s.model):20s} seed {s.seed}  {s.run_dir(out)}")
-            folder = Path(profile.get("log_dir") or Path(out).resolve() / "slurm-logs")
-            print(f"\n# {describe(specs)}; sbatch script:\n")
-            print(launch.sbatch_script(profile, folder, len(specs)))
-            return 0
-        launch.submit_slurm(specs, out, profile)
-        return 0
+    profile = launch.load_profile(args.profile) if args.executor == "slurm" else None
     if args.dry_run:
         for s in specs:
             print(f"{s.method:16s} {s.dataset:10s} {str(s.model):20s} seed {s.seed}  {s.run_dir(out)}")
-        print(f"# {describe(specs)}")
+        if profile is None:
+            print(f"# {describe(specs)}")
+        else:
+            folder = Path(profile.get("log_dir") or Path(out).resolve() / "slurm-logs")
+            print(f"\n# {describe(specs)}; sbatch script:\n")
+            print(launch.sbatch_script(profile, folder, len(specs)))
+        return 0
+    if profile is not None:
+        launch.submit_slurm(specs, out, profile)
         return 0
     from mixbench.report import summary_table
 
@@ -243,17 +241,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report}
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mixbench.evaluate import run_cli
 
     return run_cli(args)
 
 
-COMMANDS["evaluate"] = cmd_evaluate
-COMMANDS["status"] = cmd_status
+COMMANDS = {"list": cmd_list, "run": cmd_run, "status": cmd_status, "report": cmd_report, "evaluate": cmd_evaluate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

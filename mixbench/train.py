@@ -211,7 +211,7 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
     ``RunFailed``. Errors of the environment (``OSError``: disk full, no
     permission) and of the input (``UsageError``) propagate unchanged.
     """
-    spec = spec.resolved() if spec.epochs is None else spec
+    spec = spec.resolved()  # idempotent: a spec from the grid is already resolved
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -237,10 +237,7 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
 
 
 def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str]) -> Dict[str, Any]:
-    """The training itself; the caller holds the run's lock."""
-    spec = spec.resolved() if spec.epochs is None else spec
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """The training itself; ``spec`` is resolved and the caller holds the run's lock."""
     device = resolve_device(spec.device)
     seed_everything(spec.seed)
     cuda = device.type == "cuda"
