@@ -11,29 +11,7 @@ from mixbench.hooks import mixing_points, replace_stage_output
 from mixbench.methods import create_method
 from mixbench.methods import catchup_mix as cm
 from mixbench.methods.cutmix import cutmix, cutmix_box
-from mixbench.models import create_model
-
-MODELS = {
-    "resnet18": ("resnet18", dict(channels=(8, 16, 32, 64), stem_width=8)),
-    "preact": ("resnetv2_18", dict(channels=(8, 16, 32, 64), stem_chs=8)),
-    "wide": ("wide_resnet50_2", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)),
-    "regnet": ("regnetx_002", {}),
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def build(kind):
-    torch.manual_seed(0)
-    name, kwargs = MODELS[kind]
-    return create_model(name, num_classes=5, image_size=16, **kwargs)
-
+from model_kinds import KINDS, build
 
 def reference_mask(h, perm, n_own):
     """Per-sample loops in float64: the n_own channels with the lowest RFI, ties by channel index."""
@@ -156,7 +134,7 @@ def test_input_point_is_cutmix():
     torch.testing.assert_close(target, lam * y + (1 - lam) * y[perm])
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_hidden_points_on_four_model_kinds(kind):
     model = build(kind).eval()
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -184,7 +162,7 @@ def test_hidden_points_on_four_model_kinds(kind):
         torch.testing.assert_close(target.sum(1), torch.ones(4))
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_method_trains_on_four_model_kinds(kind, monkeypatch):
     model = build(kind).train()
     method = create_method("catchup_mix")

@@ -25,15 +25,6 @@ from mixbench.spec import RunSpec
 GRID = ["--dataset", "synthetic", "--train-subset", "128", "--batch-size", "32", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, loaded machine more threads are much slower, not faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class NaNAt(MixMethod):
     """Test-only: plain training, but the logits of optimiser step ``step`` (counted over the run) are NaN."""
 

@@ -7,17 +7,8 @@ from mixbench import UsageError
 from mixbench.hooks import (
     check_points, forward_mixed, mixing_points, replace_stage_output, resolve_points, stage_names, unwrap,
 )
-from mixbench.models import create_model
+from model_kinds import KINDS, build
 
-# Small variants (16x16 inputs get the CIFAR stem) that keep each model kind's block structure.
-MODELS = {
-    "resnet18": ("resnet18", dict(channels=(8, 16, 32, 64), stem_width=8)),
-    "preact": ("resnetv2_18", dict(channels=(8, 16, 32, 64), stem_chs=8)),
-    # timm's wide ResNet: Bottleneck blocks with base_width 128 (twice the ResNet-50 width), one block per stage.
-    "wide": ("wide_resnet50_2", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)),
-    "regnet": ("regnetx_002", {}),
-}
-KINDS = list(MODELS)
 
 EXPECTED_STAGES = {
     "resnet18": ["act1", "layer1", "layer2", "layer3", "layer4"],
@@ -27,24 +18,9 @@ EXPECTED_STAGES = {
 }
 
 
-def build(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    name, kwargs = MODELS[kind]
-    return create_model(name, num_classes=5, image_size=16, **kwargs).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster and steadier than several on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def models(one_thread):
-    return {kind: build(kind) for kind in KINDS}
+def models():
+    return {kind: build(kind).eval() for kind in KINDS}
 
 
 def manual_segments(kind, m):

@@ -8,29 +8,7 @@ from mixbench import UsageError
 from mixbench.hooks import mixing_points, replace_stage_output
 from mixbench.methods import create_method
 from mixbench.methods import manifold_mixup as mm
-from mixbench.models import create_model
-
-MODELS = {
-    "resnet18": ("resnet18", dict(channels=(8, 16, 32, 64), stem_width=8)),
-    "preact": ("resnetv2_18", dict(channels=(8, 16, 32, 64), stem_chs=8)),
-    "wide": ("wide_resnet50_2", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)),
-    "regnet": ("regnetx_002", {}),
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def build(kind):
-    torch.manual_seed(0)
-    name, kwargs = MODELS[kind]
-    return create_model(name, num_classes=5, image_size=16, **kwargs)
-
+from model_kinds import KINDS, build
 
 def preact_by_hand(m, x, k, lam, perm):
     """PreActResNet forward written out, mixing after stem (1), stages.0 (2) or stages.1 (3) as the reference does."""
@@ -62,7 +40,7 @@ def test_equals_convex_combination_at_the_chosen_stage(k):
     torch.testing.assert_close(target.sum(1), torch.ones(4))
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_four_model_kinds(kind):
     model = build(kind).eval()
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -88,7 +66,7 @@ def test_four_model_kinds(kind):
         torch.testing.assert_close(target.sum(1), torch.ones(4))
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_default_points_are_input_and_after_the_first_two_stages(kind, monkeypatch):
     model = build(kind).train()
     method = create_method("manifold_mixup")

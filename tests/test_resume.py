@@ -21,15 +21,6 @@ RESULT_KEYS = ("run_id", "status", "epochs", "final_top1", "final_top5", "final_
                "best_epoch", "last10_median_top1", "method_params", "num_params")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, loaded machine more threads are much slower, not faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def metrics(run_dir):
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
