@@ -311,24 +311,21 @@ def label_runs(runs):
     differing protocol options) to ``runs``."""
     runs = runs.copy()
     runs["row"] = runs["method"]
-    for method, sub in runs.groupby("method", sort=False):
-        params = sub["method_params"].unique()
-        if len(params) > 1:
-            dicts = {p: json.loads(p) for p in params}
-            keys = _differing(list(dicts.values()))
-            for p, d in dicts.items():
-                runs.loc[(runs["method"] == method) & (runs["method_params"] == p), "row"] = (
-                    f"{method} ({_suffix(d, keys)})"
-                )
+    _split_label(runs, "row", "method_params")
     runs["column"] = runs["dataset"] + "/" + runs["model"]
-    for col, sub in runs.groupby("column", sort=False):
-        protos = sub["protocol"].unique()
-        if len(protos) > 1:
-            dicts = {p: json.loads(p) for p in protos}
-            keys = _differing(list(dicts.values()))
-            for p, d in dicts.items():
-                runs.loc[(runs["column"] == col) & (runs["protocol"] == p), "column"] = f"{col} ({_suffix(d, keys)})"
+    _split_label(runs, "column", "protocol")
     return runs
+
+
+def _split_label(runs, label: str, by: str) -> None:
+    """Where runs sharing a ``label`` differ in the JSON column ``by``, suffix each label with its differing keys."""
+    for name, sub in runs.groupby(label, sort=False):
+        values = sub[by].unique()
+        if len(values) > 1:
+            dicts = {v: json.loads(v) for v in values}
+            keys = _differing(list(dicts.values()))
+            for v, d in dicts.items():
+                runs.loc[(runs[label] == name) & (runs[by] == v), label] = f"{name} ({_suffix(d, keys)})"
 
 
 def row_order(runs) -> List[str]:
