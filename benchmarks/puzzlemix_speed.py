@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixbench.methods import create_method, soft_cross_entropy
+from mixbench.losses import soft_cross_entropy
+from mixbench.methods import create_method
 from mixbench.methods import puzzlemix as pm
 from mixbench.models import create_model
 
@@ -133,7 +134,7 @@ def main() -> None:
 
     def step(fn):
         out = fn()
-        loss = soft_cross_entropy(out[0], out[1]) + (out[2] if len(out) > 2 else 0)
+        loss = soft_cross_entropy(out.logits, out.target) + (0 if out.extra_loss is None else out.extra_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from mixbench import UsageError
-from mixbench.methods import create_method, list_methods, soft_cross_entropy
+from mixbench.losses import soft_cross_entropy
+from mixbench.methods import create_method, list_methods
 from mixbench.models import create_model
 
 
@@ -111,9 +112,9 @@ def main(argv: List[str] | None = None) -> int:
     def step(run) -> None:
         with autocast():
             out = run["method"](run["model"], x, y)
-            loss = soft_cross_entropy(out[0], out[1])
-            if len(out) > 2:
-                loss = loss + out[2]
+        loss = soft_cross_entropy(out.logits, out.target)
+        if out.extra_loss is not None:
+            loss = loss + out.extra_loss
         run["opt"].zero_grad(set_to_none=True)
         loss.backward()
         run["opt"].step()

@@ -3,19 +3,30 @@
 A method is a class with its hyper-parameters as constructor arguments (the
 defaults are the paper's values) and one call::
 
-    method(model, x, y) -> (logits, target)
+    method.setup(seed=..., num_classes=..., mean=..., std=...)   # once per run, by the harness
+    method(model, x, y) -> MixOutput(logits, target, extra_loss=None)
 
-``x`` is a normalised batch (N, C, H, W) on the training device, ``y`` the
-one-hot soft targets (N, K), and ``target`` the soft targets of the mixed batch
-(rows sum to 1). A method may return a third element, an extra loss term that
-the training loop adds to the soft-target cross-entropy. Random draws come from
-``self.rng`` (a ``numpy.random.Generator`` seeded by the harness), so one seed
-controls a run and the state can be checkpointed.
+``model`` is an ``nn.Module``, ``x`` a normalised batch (N, C, H, W) on the
+training device, ``y`` the one-hot soft targets (N, K); ``target`` holds the
+soft targets of the mixed batch (rows sum to 1) and ``extra_loss`` an optional
+term that the training loop adds to its loss. Subclasses implement
+``forward(model, x, y)``; calling a method before ``setup`` is an error. Random
+draws come from ``self.rng`` (a ``numpy.random.Generator`` seeded by
+``setup``), so one seed controls a run and the state can be checkpointed.
 
 The registry keeps registration order, which is the order used in tables:
 the imports below put ``vanilla`` first.
 """
-from ._registry import MixMethod, create_method, get_method, list_methods, register_method, soft_cross_entropy
+from ._registry import (
+    MixMethod,
+    MixOutput,
+    create_method,
+    get_method,
+    input_gradient_saliency,
+    list_methods,
+    mix_targets,
+    register_method,
+)
 
 # Registration order is table order.
 from . import vanilla  # noqa: F401,E402
@@ -27,9 +38,11 @@ from . import catchup_mix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",
+    "MixOutput",
     "create_method",
     "get_method",
+    "input_gradient_saliency",
     "list_methods",
+    "mix_targets",
     "register_method",
-    "soft_cross_entropy",
 ]

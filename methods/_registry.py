@@ -1,12 +1,14 @@
-"""The method registry and the base class every method derives from."""
+"""The method registry, the base class every method derives from, and the helpers they share."""
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Type
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mixbench import UsageError
 
@@ -48,39 +50,77 @@ def create_method(name: str, **params: Any) -> "MixMethod":
     return cls(**params)
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against soft targets (rows sum to 1), averaged over the batch."""
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+@dataclass
+class MixOutput:
+    """What a method returns for one batch.
+
+    ``logits`` (N, K) of the model on the mixed batch; ``target`` (N, K) the soft
+    targets of the mixed batch (rows sum to 1); ``extra_loss`` an optional scalar
+    term added to the training loss, written in the units of soft-target
+    cross-entropy (the harness rescales it for other losses, see
+    :mod:`mixbench.losses`).
+    """
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    extra_loss: Optional[torch.Tensor] = None
 
 
 class MixMethod:
     """Base class: seeded random draws, hyper-parameter introspection, checkpointable state.
 
-    Subclasses set ``name`` and implement ``__call__(model, x, y)``.
+    Subclasses set ``name`` and implement ``forward(model, x, y) -> MixOutput``;
+    calling the method checks that ``setup`` ran first (a method never draws from
+    an unseeded generator or mixes without the data's mean/std).
     """
 
     name: str = ""
 
     def __init__(self) -> None:
-        self.rng = np.random.default_rng(0)
+        self.rng: Optional[np.random.Generator] = None
         # Filled by ``setup``: facts about the data that some methods need.
         self.num_classes: int = 0
-        self.mean: torch.Tensor | None = None
-        self.std: torch.Tensor | None = None
+        self.mean: Optional[torch.Tensor] = None
+        self.std: Optional[torch.Tensor] = None
+        self._stats_on: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- harness hooks -------------------------------------------------
-    def setup(self, *, seed: int, num_classes: int, mean=None, std=None) -> None:
-        """Called once per run by the harness before training."""
-        self.rng = np.random.default_rng(seed)
-        self.num_classes = num_classes
-        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
+    def setup(self, *, seed: int, num_classes: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Called once per run by the harness before training: the seed and the data's facts."""
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UsageError(f"{self.name}: setup needs a non-negative integer seed, got {seed!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+            raise UsageError(f"{self.name}: setup needs num_classes >= 2, got {num_classes!r}")
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean_t.numel() == 0 or mean_t.shape != std_t.shape or not bool((std_t > 0).all()):
+            raise UsageError(f"{self.name}: setup needs per-channel mean and positive std of one length, "
+                             f"got mean={mean!r}, std={std!r}")
+        self.rng = np.random.default_rng(int(seed))
+        self.num_classes = int(num_classes)
+        self.mean, self.std = mean_t, std_t
+        self._stats_on = {}
+
+    def stats(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The data's mean and std shaped (1, C, 1, 1) on ``x``'s device (copied there once)."""
+        key = (x.device, x.dtype)
+        if key not in self._stats_on:
+            shape = (1, -1, 1, 1)
+            self._stats_on[key] = (self.mean.to(x.device, x.dtype).view(shape),
+                                   self.std.to(x.device, x.dtype).view(shape))
+        return self._stats_on[key]
 
     def state_dict(self) -> Dict[str, Any]:
+        self._check_setup()
         return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._check_setup()
         self.rng.bit_generator.state = state["rng"]
+
+    def _check_setup(self) -> None:
+        if self.rng is None:
+            raise RuntimeError(f"method {self.name!r} used before setup(seed=..., num_classes=..., mean=..., std=...)")
 
     def close(self) -> None:
         """Release resources (worker pools...) at the end of a run."""
@@ -118,8 +158,25 @@ class MixMethod:
         """A random permutation giving each sample its partner."""
         return torch.from_numpy(self.rng.permutation(n)).to(device, non_blocking=True)
 
-    def __call__(self, model: Callable, x: torch.Tensor, y: torch.Tensor):
+    def draw_point_lambda_perm(self, points: Sequence[int], alpha: float, n: int,
+                               device: torch.device) -> Tuple[int, float, torch.Tensor]:
+        """The draws of a hidden-point method, in this order: the mixing point (uniform over
+        ``points``), lambda ~ Beta(alpha, alpha) and the partner permutation."""
+        k = points[int(self.rng.integers(len(points)))]
+        lam = self.draw_lambda(alpha)
+        return k, lam, self.draw_perm(n, device)
+
+    # -- the call --------------------------------------------------------
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> MixOutput:
+        """Mix the normalised batch ``x`` (N, C, H, W) with one-hot/soft targets ``y`` (N, K)."""
         raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> MixOutput:
+        self._check_setup()
+        out = self.forward(model, x, y)
+        if not isinstance(out, MixOutput):
+            raise TypeError(f"method {self.name!r} returned {type(out).__name__}; forward must return a MixOutput")
+        return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
@@ -131,3 +188,29 @@ def mix_targets(y: torch.Tensor, perm: torch.Tensor, lam) -> torch.Tensor:
     if torch.is_tensor(lam) and lam.dim() == 1:
         lam = lam.to(y.dtype)[:, None]
     return lam * y + (1 - lam) * y[perm]
+
+
+def input_gradient_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train_mode: bool = False,
+                            keep_graph: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Saliency from the gradient of the batch's cross-entropy with respect to the input only.
+
+    Returns ``(saliency, grad, loss)``: ``saliency = sqrt(mean_c grad^2)`` of shape
+    (N, H, W) (PuzzleMix's unary, also the saliency of Co-Mixup and GuidedMixup-AP),
+    the input gradient and the mean cross-entropy against ``y`` (soft targets).
+    The pass runs in float32 even under autocast (the saliency feeds graph cuts
+    and sign steps that the references compute in float32), in eval mode unless
+    ``train_mode`` (then batch-norm statistics update, as the references' clean-
+    loss pass does), and computes no weight gradients. ``keep_graph`` keeps the
+    graph so that ``loss`` can be back-propagated to the weights afterwards.
+    """
+    x = x.detach().requires_grad_(True)
+    was_training = model.training
+    if not train_mode:
+        model.eval()
+    try:
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            loss = torch.sum(-y.float() * F.log_softmax(model(x.float()).float(), dim=-1), dim=-1).mean()
+            (grad,) = torch.autograd.grad(loss, x, retain_graph=keep_graph)
+    finally:
+        model.train(was_training)
+    return torch.sqrt(torch.mean(grad**2, dim=1)), grad, loss

@@ -49,10 +49,11 @@ import math
 from typing import Tuple
 
 import torch
+from torch import nn
 
 from mixbench.hooks import Points, check_points, forward_mixed, resolve_points
 
-from ._registry import MixMethod, mix_targets, register_method
+from ._registry import MixMethod, MixOutput, mix_targets, register_method
 from .cutmix import cutmix, cutmix_box
 
 
@@ -90,8 +91,8 @@ def mix_channels(h: torch.Tensor, perm: torch.Tensor, lam: float) -> Tuple[torch
     return mixed, n_own / channels
 
 
-def catchup_mix(model, x: torch.Tensor, y: torch.Tensor, k: int, lam: float, perm: torch.Tensor,
-                centre: Tuple[int, int] = (0, 0)) -> Tuple[torch.Tensor, torch.Tensor]:
+def catchup_mix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, lam: float, perm: torch.Tensor,
+                centre: Tuple[int, int] = (0, 0)) -> MixOutput:
     """Forward ``x`` with Catch-up Mix at point ``k`` (``centre`` is the CutMix box centre for k = 0).
 
     Returns the logits and the soft targets mixed with the realised fraction.
@@ -99,7 +100,7 @@ def catchup_mix(model, x: torch.Tensor, y: torch.Tensor, k: int, lam: float, per
     if k == 0:
         box = cutmix_box(x.shape[-2], x.shape[-1], lam, *centre)
         mixed, lam_realised = cutmix(x, perm, box)
-        return model(mixed), mix_targets(y, perm, lam_realised)
+        return MixOutput(model(mixed), mix_targets(y, perm, lam_realised))
     realised = []
 
     def mix(h):
@@ -108,7 +109,7 @@ def catchup_mix(model, x: torch.Tensor, y: torch.Tensor, k: int, lam: float, per
         return out
 
     logits = forward_mixed(model, x, k, mix)
-    return logits, mix_targets(y, perm, realised[0])
+    return MixOutput(logits, mix_targets(y, perm, realised[0]))
 
 
 @register_method
@@ -120,11 +121,9 @@ class CatchupMix(MixMethod):
         self.alpha = alpha
         self.mix_points = check_points(mix_points)
 
-    def __call__(self, model, x, y):
+    def forward(self, model, x, y):
         points = resolve_points(model, self.mix_points)
-        k = points[int(self.rng.integers(len(points)))]
-        lam = self.draw_lambda(self.alpha)
-        perm = self.draw_perm(x.shape[0], x.device)
+        k, lam, perm = self.draw_point_lambda_perm(points, self.alpha, x.shape[0], x.device)
         centre = (0, 0)
         if k == 0:
             centre = (int(self.rng.integers(x.shape[-2])), int(self.rng.integers(x.shape[-1])))

@@ -13,7 +13,7 @@ from typing import Tuple
 
 import torch
 
-from ._registry import MixMethod, mix_targets, register_method
+from ._registry import MixMethod, MixOutput, mix_targets, register_method
 
 Box = Tuple[int, int, int, int]  # (y1, y2, x1, x2), half-open
 
@@ -50,10 +50,10 @@ class CutMix(MixMethod):
         cy, cx = int(self.rng.integers(height)), int(self.rng.integers(width))
         return cutmix_box(height, width, lam, cy, cx), lam
 
-    def __call__(self, model, x, y):
+    def forward(self, model, x, y):
         if self.prob < 1.0 and self.rng.random() >= self.prob:
-            return model(x), y
+            return MixOutput(model(x), y)
         box, _ = self.draw_box(x.shape[-2], x.shape[-1])
         perm = self.draw_perm(x.shape[0], x.device)
         mixed, lam = cutmix(x, perm, box)
-        return model(mixed), mix_targets(y, perm, lam)
+        return MixOutput(model(mixed), mix_targets(y, perm, lam))

@@ -18,24 +18,23 @@ the reference's "after layer1" and "after layer2" are points 2 and 3
 output (point 1) is not a default mixing point: the reference's stem is a single
 convolution whose output goes straight into ``layer1``.
 """
-from typing import Tuple
-
 import torch
+from torch import nn
 
 from mixbench.hooks import Points, check_points, forward_mixed, resolve_points
 
-from ._registry import MixMethod, mix_targets, register_method
+from ._registry import MixMethod, MixOutput, mix_targets, register_method
 from .mixup import mixup
 
 
-def manifold_mixup(model, x: torch.Tensor, y: torch.Tensor, k: int, lam: float,
-                   perm: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def manifold_mixup(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, lam: float,
+                   perm: torch.Tensor) -> MixOutput:
     """Forward ``x`` with ``lam * h + (1 - lam) * h[perm]`` at mixing point ``k``; no randomness inside.
 
     Returns the logits and the mixed soft targets ``lam * y + (1 - lam) * y[perm]``.
     """
     logits = forward_mixed(model, x, k, lambda h: mixup(h, perm, lam))
-    return logits, mix_targets(y, perm, lam)
+    return MixOutput(logits, mix_targets(y, perm, lam))
 
 
 @register_method
@@ -47,9 +46,7 @@ class ManifoldMixup(MixMethod):
         self.alpha = alpha
         self.mix_points = check_points(mix_points)
 
-    def __call__(self, model, x, y):
+    def forward(self, model, x, y):
         points = resolve_points(model, self.mix_points)
-        k = points[int(self.rng.integers(len(points)))]
-        lam = self.draw_lambda(self.alpha)
-        perm = self.draw_perm(x.shape[0], x.device)
+        k, lam, perm = self.draw_point_lambda_perm(points, self.alpha, x.shape[0], x.device)
         return manifold_mixup(model, x, y, k, lam, perm)

@@ -7,7 +7,7 @@ facebookresearch/mixup-cifar10).
 """
 import torch
 
-from ._registry import MixMethod, mix_targets, register_method
+from ._registry import MixMethod, MixOutput, mix_targets, register_method
 
 
 def mixup(x: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.Tensor:
@@ -23,7 +23,7 @@ class Mixup(MixMethod):
         super().__init__()
         self.alpha = alpha
 
-    def __call__(self, model, x, y):
+    def forward(self, model, x, y):
         lam = self.draw_lambda(self.alpha)
         perm = self.draw_perm(x.shape[0], x.device)
-        return model(mixup(x, perm, lam)), mix_targets(y, perm, lam)
+        return MixOutput(model(mixup(x, perm, lam)), mix_targets(y, perm, lam))

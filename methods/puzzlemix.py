@@ -38,10 +38,11 @@ inputs it gives the same masks and mixed images. Faster than that code:
   moves blocks by a gather instead of a matrix product; cost matrices are
   built once per grid size and device.
 
-Defaults are the reference's CIFAR-100 command for adversarial PuzzleMix with
+Defaults are the reference's CIFAR-100 command for (plain) PuzzleMix with
 PreActResNet-18 (``--mixup_alpha 1.0 --graph True --n_labels 3 --eta 0.2 --beta
-1.2 --gamma 0.5 --neigh_size 4 --transport True --t_size 4 --t_eps 0.8 --adv_p 0.1
---adv_eps 10.0``, no clean-input loss); pass ``adv_p=0`` for plain PuzzleMix.
+1.2 --gamma 0.5 --neigh_size 4 --transport True --t_size 4 --t_eps 0.8``; the
+reference's ``--adv_p`` defaults to 0, no clean-input loss). Adversarial PuzzleMix
+is ``adv_p=0.1`` (``adv_eps`` stays 10/255), the reference's second command.
 
 Image sides: grid sizes that do not divide the image side are left out of the
 draw. At 16x16 (the ``digits`` data set) the 16-block grid has one pixel per
@@ -64,10 +65,11 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mixbench import UsageError
 
-from ._registry import MixMethod, mix_targets, register_method
+from ._registry import MixMethod, MixOutput, input_gradient_saliency, mix_targets, register_method
 
 INSTALL_HINT = (
     "puzzlemix needs the graph-cut package gco-wrapper (import name gco), which could not be imported; "
@@ -498,7 +500,7 @@ class PuzzleMix(MixMethod):
         transport: bool = True,
         t_eps: float = 0.8,
         t_size: int = 4,
-        adv_p: float = 0.1,
+        adv_p: float = 0.0,
         adv_eps: float = 10 / 255,
         clean_lam: float = 0.0,
         grid_sizes: Sequence[int] = (2, 4, 8, 16),
@@ -548,23 +550,17 @@ class PuzzleMix(MixMethod):
             transport=self.transport, t_eps=self.t_eps, t_size=self.t_size,
         )
 
-    def saliency(self, model, x: torch.Tensor, y: torch.Tensor):
-        """(saliency (N, H, W), input gradient, clean loss or None), without weight gradients."""
-        x = x.detach().requires_grad_(True)
-        was_training = getattr(model, "training", False)
-        if self.clean_lam == 0 and hasattr(model, "eval"):
-            model.eval()
-        try:
-            with torch.enable_grad():
-                loss = torch.sum(-y * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
-                (grad,) = torch.autograd.grad(loss, x, retain_graph=self.clean_lam > 0)
-        finally:
-            if was_training and hasattr(model, "train"):
-                model.train()
-        extra = 2 * self.clean_lam * loss if self.clean_lam > 0 else None
-        return torch.sqrt(torch.mean(grad**2, dim=1)), grad, extra
+    def saliency(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """(saliency (N, H, W), input gradient, clean loss or None), without weight gradients.
 
-    def __call__(self, model, x, y):
+        In float32 even under autocast, like the reference's float32 pass; in eval mode, or in
+        train mode with ``clean_lam > 0`` (then its loss is kept for the extra term).
+        """
+        clean = self.clean_lam > 0
+        saliency, grad, loss = input_gradient_saliency(model, x, y, train_mode=clean, keep_graph=clean)
+        return saliency, grad, (2 * self.clean_lam * loss if clean else None)
+
+    def forward(self, model, x, y):
         n, width = x.shape[0], x.shape[-1]
         grids = [g for g in self.grid_sizes if width % g == 0]
         if not grids:
@@ -573,7 +569,7 @@ class PuzzleMix(MixMethod):
         if self.adv_p > 0:
             adv1 = bool(self.rng.binomial(1, self.adv_p))
             adv2 = bool(self.rng.binomial(1, self.adv_p))
-        mean, std = _stats(x, self.mean, self.std)
+        mean, std = self.stats(x)
         noise, x_in = None, x
         if adv1 or adv2:  # random start inside the eps-ball, in pixel units
             noise = torch.from_numpy(self.rng.uniform(-self.adv_eps, self.adv_eps, size=tuple(x.shape)))
@@ -593,5 +589,4 @@ class PuzzleMix(MixMethod):
                 x, saliency, perm, lam, block_num, mean=mean, std=std, noise=noise, adv_mask1=adv1,
                 adv_mask2=adv2, pool=self.pool, **self.hyper(),
             )
-        out = (model(mixed), mix_targets(y, perm, ratio))
-        return out if extra is None else (*out, extra)
+        return MixOutput(model(mixed), mix_targets(y, perm, ratio), extra)

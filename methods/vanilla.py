@@ -1,5 +1,5 @@
 """Vanilla training: no mixing, the baseline every table is read against."""
-from ._registry import MixMethod, register_method
+from ._registry import MixMethod, MixOutput, register_method
 
 
 @register_method
@@ -8,5 +8,5 @@ class Vanilla(MixMethod):
 
     name = "vanilla"
 
-    def __call__(self, model, x, y):
-        return model(x), y
+    def forward(self, model, x, y):
+        return MixOutput(model(x), y)

@@ -1,8 +1,9 @@
 """The one training loop shared by every method.
 
 ``train_run(spec, run_dir)`` trains one grid cell: data on the device, a timm
-model, the method's ``(logits, target)`` for each batch, soft-target
-cross-entropy, SGD with a per-step LR schedule, an evaluation after each epoch,
+model, the method's ``MixOutput(logits, target, extra_loss)`` for each batch,
+the run's loss (``spec.loss``: soft-target cross-entropy or the PuzzleMix code's
+softmax binary cross-entropy, :mod:`mixbench.losses`), SGD with a per-step LR schedule, an evaluation after each epoch,
 a checkpoint after each epoch, and an atomic result.json at the end. Nothing
 here knows which method it runs.
 
@@ -40,7 +41,8 @@ from mixbench import UsageError
 from mixbench.checkpoint import load_checkpoint, remove_checkpoint, remove_partial_writes, save_checkpoint
 from mixbench.data import Dataset, DeviceLoader, load_dataset, make_loaders
 from mixbench.evaluate import filter_usage_during_training
-from mixbench.methods import create_method, soft_cross_entropy
+from mixbench.losses import get_loss
+from mixbench.methods import create_method
 from mixbench.lock import RunLock
 from mixbench.models import count_parameters, create_model
 from mixbench.results import (
@@ -166,8 +168,11 @@ def lr_factor(step: int, spec: RunSpec, steps_per_epoch: int) -> float:
     if spec.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
     epoch = step / steps_per_epoch
-    milestones = [m * spec.epochs if m < 1 else m for m in spec.milestones]
-    return spec.gamma ** sum(epoch >= m for m in milestones)
+    factor = 1.0
+    for m in sorted(m * spec.epochs if m < 1 else m for m in spec.milestones):
+        if epoch >= m:  # multiplied one milestone at a time, as the reference's adjust_learning_rate does
+            factor *= spec.gamma
+    return factor
 
 
 @torch.no_grad()
@@ -192,10 +197,34 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, autocast) -> Dict[str
     }
 
 
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a run's peak-memory count: CUDA's peak statistics, or on Linux the process's RSS
+    high-water mark (writing 5 to /proc/self/clear_refs resets VmHWM), so that runs trained
+    one after another in one process each report their own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+    except OSError:  # not Linux, or not allowed: peak_memory_mb falls back to the process's peak
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
+    """Peak CUDA memory allocated, or on CPU the peak resident set size since ``reset_peak_memory``
+    (the process's lifetime peak where /proc is not available)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
@@ -256,6 +285,8 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
 
     method = create_method(spec.method, **spec.method_params)
     method.setup(seed=spec.seed, num_classes=info.num_classes, mean=info.mean, std=info.std)
+    criterion = get_loss(spec.loss)
+    extra_weight = criterion.extra_weight(info.num_classes)
     steps = len(train_loader)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
@@ -287,8 +318,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     else:
         print(f"mixbench: training {run_dir}", file=sys.stderr)
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     bar = tqdm(
         total=spec.epochs * steps, initial=start_epoch * steps, desc=desc or spec.method, unit="step",
@@ -298,7 +328,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     try:
         for epoch in range(start_epoch, spec.epochs):
             model.train()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step_losses = torch.zeros(steps, device=device)
             for step, (x, y) in enumerate(train_loader):
                 target = F.one_hot(y, info.num_classes).float()
@@ -306,9 +336,9 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
                     target = target * (1 - spec.label_smoothing) + spec.label_smoothing / info.num_classes
                 with autocast():
                     out = method(forward, x, target)
-                    loss = soft_cross_entropy(out[0], out[1])
-                    if len(out) > 2:
-                        loss = loss + out[2]
+                loss = criterion(out.logits, out.target)  # float32, outside autocast
+                if out.extra_loss is not None:
+                    loss = loss + extra_weight * out.extra_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -320,6 +350,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
             if cuda:
                 torch.cuda.synchronize(device)
             train_time = time.perf_counter() - t0
+            train_cpu_time = time.process_time() - c0
             train_loss = step_losses.sum().item() / steps
             if not math.isfinite(train_loss):
                 bad = (~torch.isfinite(step_losses)).nonzero()
@@ -333,6 +364,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
                 **filter_usage_during_training(model, test_loader, spec, epoch),
                 "lr": optimizer.param_groups[0]["lr"],
                 "epoch_time_s": train_time,
+                "epoch_cpu_time_s": train_cpu_time,
                 "train_images_per_s": train_loader.num_samples / train_time,
             }
             elapsed += time.perf_counter() - t0
@@ -355,6 +387,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     final = history[-1]
     last10 = [m["test_top1"] for m in history[-10:]]
     epoch_times = [m["epoch_time_s"] for m in history]
+    cpu_times = [m["epoch_cpu_time_s"] for m in history if "epoch_cpu_time_s" in m]
     result = {
         "schema_version": SCHEMA_VERSION,
         "run_id": spec.run_id,
@@ -368,6 +401,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
         "seed": spec.seed,
         "epochs": spec.epochs,
         "train_subset": spec.train_subset,
+        "loss": spec.loss,
         "final_top1": final["test_top1"],
         "final_top5": final["test_top5"],
         "final_test_loss": final["test_loss"],
@@ -376,6 +410,11 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
         "last10_median_top1": statistics.median(last10),
         "wall_time_s": elapsed,
         "epoch_time_s": statistics.median(epoch_times),
+        # Process CPU time (user + system, every thread) of the training part of each epoch: on a shared
+        # CPU it measures the work, where wall time also counts waiting for the cores.
+        "epoch_cpu_time_s": statistics.median(cpu_times) if cpu_times else None,
+        "cpu_time_s": sum(cpu_times) if cpu_times else None,
+        "num_threads": torch.get_num_threads(),
         "train_images_per_s": statistics.median(m["train_images_per_s"] for m in history),
         "peak_mem_mb": peak_memory_mb(device),
         **environment_info(device),

@@ -126,7 +126,8 @@ def test_input_point_is_cutmix():
     y = F.one_hot(torch.tensor([0, 1, 2, 3]), 5).float()
     perm = torch.tensor([2, 3, 1, 0])
     with torch.no_grad():
-        logits, target = cm.catchup_mix(model, x, y, 0, 0.6, perm, centre=(3, 12))
+        out = cm.catchup_mix(model, x, y, 0, 0.6, perm, centre=(3, 12))
+        logits, target = out.logits, out.target
         box = cutmix_box(16, 16, 0.6, 3, 12)
         mixed, lam = cutmix(x, perm, box)
         torch.testing.assert_close(logits, model(mixed))
@@ -154,7 +155,8 @@ def test_hidden_points_on_four_model_kinds(kind):
             expected_h, expected_lam = cm.mix_channels(captured[0], perm, lam)
             with replace_stage_output(model, k, lambda h: expected_h):
                 expected = model(x)
-            logits, target = cm.catchup_mix(model, x, y, k, lam, perm)
+            out = cm.catchup_mix(model, x, y, k, lam, perm)
+            logits, target = out.logits, out.target
         channels = captured[0].shape[1]
         assert expected_lam == math.floor(lam * channels) / channels
         torch.testing.assert_close(logits, expected)
@@ -166,7 +168,7 @@ def test_hidden_points_on_four_model_kinds(kind):
 def test_method_trains_on_four_model_kinds(kind, monkeypatch):
     model = build(kind).train()
     method = create_method("catchup_mix")
-    method.setup(seed=0, num_classes=5)
+    method.setup(seed=0, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
     seen = []
     core = cm.catchup_mix
 
@@ -178,7 +180,8 @@ def test_method_trains_on_four_model_kinds(kind, monkeypatch):
     x = torch.randn(6, 3, 16, 16)
     y = F.one_hot(torch.arange(6) % 5, 5).float()
     for _ in range(30):
-        logits, target = method(model, x, y)
+        out = method(model, x, y)
+        logits, target = out.logits, out.target
         assert logits.shape == (6, 5)
         torch.testing.assert_close(target.sum(1), torch.ones(6))
     (logits.sum()).backward()
@@ -191,7 +194,7 @@ def test_draws_follow_the_seeded_generator():
     x = torch.randn(4, 3, 16, 16)
     y = F.one_hot(torch.arange(4), 5).float()
     method = create_method("catchup_mix", mix_points=(0, 1, 2, 3, 4, 5))
-    method.setup(seed=7, num_classes=5)
+    method.setup(seed=7, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
     rng = np.random.default_rng(7)  # draw order: k, lam, perm, then the box centre when k = 0
     with torch.no_grad():
         for _ in range(8):
@@ -199,8 +202,10 @@ def test_draws_follow_the_seeded_generator():
             lam = float(rng.beta(1.0, 1.0))
             perm = torch.from_numpy(rng.permutation(4))
             centre = (int(rng.integers(16)), int(rng.integers(16))) if k == 0 else (0, 0)
-            want_logits, want_target = cm.catchup_mix(model, x, y, k, lam, perm, centre)
-            logits, target = method(model, x, y)
+            _out = cm.catchup_mix(model, x, y, k, lam, perm, centre)
+            want_logits, want_target = _out.logits, _out.target
+            out = method(model, x, y)
+            logits, target = out.logits, out.target
             torch.testing.assert_close(logits, want_logits)
             torch.testing.assert_close(target, want_target)
 
@@ -209,6 +214,6 @@ def test_bad_mix_points():
     with pytest.raises(UsageError, match="mix_points"):
         create_method("catchup_mix", mix_points="stages")
     method = create_method("catchup_mix", mix_points=(0, 9))
-    method.setup(seed=0, num_classes=5)
+    method.setup(seed=0, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
     with pytest.raises(UsageError, match=r"\[9\].*0=input"):
         method(build("preact"), torch.randn(2, 3, 16, 16), torch.eye(5)[:2])

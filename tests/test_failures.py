@@ -18,7 +18,7 @@ import mixbench.train as train
 from mixbench.cli import main
 from mixbench.launch import run_local
 from mixbench.lock import LOCK_NAME, RunLock, RunLocked, _proc_start
-from mixbench.methods import MixMethod
+from mixbench.methods import MixMethod, MixOutput
 from mixbench.methods._registry import _METHODS
 from mixbench.spec import RunSpec
 
@@ -35,12 +35,12 @@ class NaNAt(MixMethod):
         self.step = step
         self.calls = 0
 
-    def __call__(self, model, x, y):
+    def forward(self, model, x, y):
         logits = model(x)
         if self.calls == self.step:
             logits = logits * float("nan")
         self.calls += 1
-        return logits, y
+        return MixOutput(logits, y)
 
     def state_dict(self):
         return {**super().state_dict(), "calls": self.calls}
@@ -59,11 +59,11 @@ class Boom(MixMethod):
         super().__init__()
         self.calls = 0
 
-    def __call__(self, model, x, y):
+    def forward(self, model, x, y):
         self.calls += 1
         if self.calls == 2:
             raise RuntimeError("boom in the method")
-        return model(x), y
+        return MixOutput(model(x), y)
 
 
 @pytest.fixture

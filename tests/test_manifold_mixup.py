@@ -33,7 +33,8 @@ def test_equals_convex_combination_at_the_chosen_stage(k):
     perm = torch.tensor([2, 0, 3, 1])
     lam = 0.3
     with torch.no_grad():
-        logits, target = mm.manifold_mixup(model, x, y, k, lam, perm)
+        out = mm.manifold_mixup(model, x, y, k, lam, perm)
+        logits, target = out.logits, out.target
         torch.testing.assert_close(logits, preact_by_hand(model, x, k, lam, perm), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(logits, model(x), atol=1e-3)
     torch.testing.assert_close(target, lam * y + (1 - lam) * y[perm])
@@ -61,7 +62,8 @@ def test_four_model_kinds(kind):
             combined = lam * h + (1 - lam) * h[perm]
             with replace_stage_output(model, k, lambda _: combined):
                 expected = model(x)
-            logits, target = mm.manifold_mixup(model, x, y, k, lam, perm)
+            out = mm.manifold_mixup(model, x, y, k, lam, perm)
+            logits, target = out.logits, out.target
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(target.sum(1), torch.ones(4))
 
@@ -71,7 +73,7 @@ def test_default_points_are_input_and_after_the_first_two_stages(kind, monkeypat
     model = build(kind).train()
     method = create_method("manifold_mixup")
     assert method.alpha == 2.0 and method.mix_points == (0, 2, 3)
-    method.setup(seed=0, num_classes=5)
+    method.setup(seed=0, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
     where = []
     core = mm.manifold_mixup
 
@@ -83,7 +85,8 @@ def test_default_points_are_input_and_after_the_first_two_stages(kind, monkeypat
     x = torch.randn(6, 3, 16, 16)
     y = F.one_hot(torch.arange(6) % 5, 5).float()
     for _ in range(12):
-        logits, target = method(model, x, y)
+        out = method(model, x, y)
+        logits, target = out.logits, out.target
         torch.testing.assert_close(target.sum(1), torch.ones(6))
     logits.sum().backward()
     first, second = {"resnet18": ("layer1", "layer2"), "wide": ("layer1", "layer2"),
@@ -96,15 +99,17 @@ def test_draws_follow_the_seeded_generator():
     x = torch.randn(4, 3, 16, 16)
     y = F.one_hot(torch.arange(4), 5).float()
     method = create_method("manifold_mixup")
-    method.setup(seed=11, num_classes=5)
+    method.setup(seed=11, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
     rng = np.random.default_rng(11)  # draw order: k, lam ~ Beta(2, 2), perm
     with torch.no_grad():
         for _ in range(6):
             k = (0, 2, 3)[int(rng.integers(3))]
             lam = float(rng.beta(2.0, 2.0))
             perm = torch.from_numpy(rng.permutation(4))
-            want_logits, want_target = mm.manifold_mixup(model, x, y, k, lam, perm)
-            logits, target = method(model, x, y)
+            _out = mm.manifold_mixup(model, x, y, k, lam, perm)
+            want_logits, want_target = _out.logits, _out.target
+            out = method(model, x, y)
+            logits, target = out.logits, out.target
             torch.testing.assert_close(logits, want_logits)
             torch.testing.assert_close(target, want_target)
 
@@ -113,6 +118,6 @@ def test_bad_mix_points():
     with pytest.raises(UsageError, match="mix_points"):
         create_method("manifold_mixup", mix_points=[])
     method = create_method("manifold_mixup", mix_points=[0, 6])
-    method.setup(seed=0, num_classes=5)
+    method.setup(seed=0, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
     with pytest.raises(UsageError, match=r"\[6\].*5=stages.3"):
         method(build("preact"), torch.randn(2, 3, 16, 16), torch.eye(5)[:2])

@@ -64,19 +64,22 @@ def test_methods_return_soft_targets_and_are_seeded(name):
 
     def call(seed):
         m = create_method(name)
-        m.setup(seed=seed, num_classes=5)
+        m.setup(seed=seed, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
         return m(model, x, y)
 
-    logits, target = call(3)
+    out = call(3)
+
+    logits, target = out.logits, out.target
     assert logits.shape == (6, 5)
     torch.testing.assert_close(target.sum(1), torch.ones(6))
-    logits2, target2 = call(3)
+    _out = call(3)
+    logits2, target2 = _out.logits, _out.target
     assert torch.equal(logits, logits2) and torch.equal(target, target2)
 
 
 def test_method_rng_state_round_trip():
     m = create_method("mixup")
-    m.setup(seed=1, num_classes=3)
+    m.setup(seed=1, num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3)
     m.draw_lambda(1.0)
     state = m.state_dict()
     a = [m.draw_lambda(1.0) for _ in range(3)]

@@ -201,8 +201,8 @@ def test_method_targets_sum_to_one_and_follow_the_mask():
     y = torch.nn.functional.one_hot(torch.arange(8) % 5, 5).float()
     for _ in range(4):
         out = method(model, x, y)
-        assert len(out) == 2
-        logits, target = out
+        assert out.extra_loss is None
+        logits, target = out.logits, out.target
         assert logits.shape == (8, 5) and target.shape == (8, 5)
         assert torch.allclose(target.sum(1), torch.ones(8))
         assert (target >= 0).all() and model.training
@@ -230,11 +230,11 @@ def test_saliency_uses_eval_mode_and_no_weight_gradients():
 def test_method_is_deterministic_given_the_seed():
     def run():
         method = create_method("puzzlemix", workers=0)
-        method.setup(seed=7, num_classes=5)
+        method.setup(seed=7, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
         model = tiny_model().train()
         x, _, _ = batch(n=6, width=16)
         y = torch.nn.functional.one_hot(torch.arange(6) % 5, 5).float()
-        return [method(model, x, y)[1] for _ in range(3)]
+        return [method(model, x, y).target for _ in range(3)]
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
@@ -242,7 +242,7 @@ def test_method_is_deterministic_given_the_seed():
 
 def test_grid_sizes_that_do_not_divide_the_side_are_skipped():
     method = create_method("puzzlemix", grid_sizes=(3, 16), workers=0, adv_p=0.0)
-    method.setup(seed=0, num_classes=5)
+    method.setup(seed=0, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
     model = tiny_model()
     x = torch.randn(4, 3, 12, 12)
     y = torch.nn.functional.one_hot(torch.arange(4), 5).float()

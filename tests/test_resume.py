@@ -16,7 +16,7 @@ from mixbench.checkpoint import CorruptCheckpoint, load_checkpoint, read_checkpo
 from mixbench.spec import RunSpec
 from mixbench.train import train_run
 
-TIMING = {"epoch_time_s", "train_images_per_s"}
+TIMING = {"epoch_time_s", "epoch_cpu_time_s", "train_images_per_s"}
 RESULT_KEYS = ("run_id", "status", "epochs", "final_top1", "final_top5", "final_test_loss", "best_top1",
                "best_epoch", "last10_median_top1", "method_params", "num_params")
 
