@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=["cosine", "multistep"])
+    p.add_argument("--loss", choices=["ce", "bce"],
+                   help="ce: soft-target cross-entropy; bce: BCELoss(softmax), the PuzzleMix code's "
+                        "(default: the data set's: bce on CIFAR and Tiny-ImageNet, else ce)")
+    p.add_argument("--stem", choices=["auto", "cifar", "cifar-s2", "imagenet"],
+                   help="first layers: cifar (3x3 stride 1), cifar-s2 (3x3 stride 2), imagenet (timm's); "
+                        "default: the data set's, else auto (cifar at 64 px or less)")
+    p.add_argument("--metric", choices=["final", "best", "last10"],
+                   help="top-1 rule of the summary printed at the end (default: the spec's `metric`, else final)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the spec's, else 0)")
     p.add_argument("--out", type=Path, help=f"results folder (default: the spec's `out`, else {DEFAULT_OUT})")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -123,7 +132,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         from mixbench.models import ALIASES, list_model_names
 
-        for alias, (target, kwargs) in ALIASES.items():
+        for alias, (target, kwargs, _) in ALIASES.items():
             extra = f" {kwargs}" if kwargs else ""
             print(f"{alias:24s} -> {target}{extra}")
         for name in list_model_names()[len(ALIASES):]:
@@ -164,7 +173,7 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 # Flags of `run` that are RunSpec options of the same name.
 _RUN_OPTION_FLAGS = (
     "dataset", "device", "data_dir", "download", "compile", "model", "epochs", "batch_size", "lr", "weight_decay",
-    "schedule", "train_subset", "data_mode", "image_size", "filter_usage_every",
+    "schedule", "train_subset", "data_mode", "image_size", "filter_usage_every", "loss", "stem",
 )
 
 
@@ -189,15 +198,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if profile is not None:
         launch.submit_slurm(specs, out, profile)
         return 0
-    from mixbench.report import summary_table
+    from mixbench.grid import load_spec
+    from mixbench.report import METRICS, summary_table
 
+    metric = args.metric or (load_spec(args.config).get("metric") if args.config else None) or "final"
     devices = launch.local_devices(specs)
     if devices:
         results = launch.run_parallel(specs, out, devices, progress=not args.no_progress)
     else:
         results = launch.run_local(specs, out, progress=not args.no_progress)
     print()
-    print(summary_table(results))
+    print(summary_table(results, metric=METRICS[metric][0]))
     print(f"\nresults in {out}")
     failed = sum(1 for r in results if r and r.get("status") == "failed")
     if failed:
@@ -254,7 +265,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`mixbench list models | head`): stop quietly. Point stdout at devnull so
+        # that the interpreter's final flush does not fail again (as the Python docs on SIGPIPE advise).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured)
+            pass
+        return 0
     except UsageError as exc:
         print(f"mixbench: error: {exc}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from mixbench import UsageError
 from mixbench.methods import get_method, list_methods
 from mixbench.spec import RunSpec
 
-META_KEYS = ("name", "description", "out")
+META_KEYS = ("name", "description", "out", "metric")  # metric: the top-1 rule of `run`'s summary
 LIST_KEYS = {"methods": "method", "datasets": "dataset", "models": "model", "seeds": "seed"}
 _FIELDS = [f.name for f in dataclasses.fields(RunSpec)]
 OPTION_KEYS = [f for f in _FIELDS if f not in LIST_KEYS.values()]
@@ -71,6 +71,8 @@ def check_spec(spec: Mapping[str, Any], where: str = "spec") -> None:
     for key in spec:
         if key not in valid:
             raise UsageError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+    if spec.get("metric", "final") not in ("final", "best", "last10"):
+        raise UsageError(f"{where}: metric must be one of final, best, last10, got {spec['metric']!r}")
     for plural, singular in LIST_KEYS.items():
         if plural in spec and singular in spec:
             raise UsageError(f"{where}: give either {plural!r} or {singular!r}, not both")

@@ -17,7 +17,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from mixbench import UsageError
 from mixbench.data import check_data_options, dataset_slug, get_dataset_info
+from mixbench.losses import get_loss
 from mixbench.methods import get_method, list_methods
+from mixbench.models import STEMS
 
 # Options that change where and how fast a run goes, not its numbers.
 _NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval", "filter_usage_every")
@@ -32,7 +34,7 @@ class RunSpec:
     method_params: Dict[str, Any] = field(default_factory=dict)
     model: Optional[str] = None  # None: the data set's default
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    stem: str = "auto"
+    stem: Optional[str] = None  # None: the data set's default, else auto (see mixbench.models.STEMS)
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
     lr: Optional[float] = None
@@ -44,6 +46,7 @@ class RunSpec:
     gamma: float = 0.1
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    loss: Optional[str] = None  # None: the data set's (bce on CIFAR/Tiny-ImageNet, else ce); mixbench.losses
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA (ignored on CPU)
     compile: bool = False
@@ -73,6 +76,10 @@ class RunSpec:
         for key, value in info.defaults.items():
             if getattr(spec, key) is None:
                 setattr(spec, key, value)
+        if spec.stem is None:
+            spec.stem = "auto"
+        if spec.loss is None:
+            spec.loss = "ce"
         spec.method_params = {**get_method(self.method).default_params(), **self.method_params}
         spec.validate()
         return spec
@@ -87,6 +94,9 @@ class RunSpec:
         positive("lr", float(self.lr), float)
         if self.weight_decay < 0:
             raise UsageError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        get_loss(self.loss)
+        if self.stem not in STEMS:
+            raise UsageError(f"unknown stem {self.stem!r}; choose from: {', '.join(STEMS)}")
         if self.schedule not in ("cosine", "multistep"):
             raise UsageError(f"unknown schedule {self.schedule!r}; choose from: cosine, multistep")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
