@@ -10,13 +10,19 @@
   descending against channel rank / C (``eval.filter_usage``), mean over seeds;
 - ``filter_usage_gini``: Gini coefficient and effective-channel fraction per stage, +-1 std over seeds;
 - ``filter_usage_per_epoch``: mean Gini and mean effective-channel fraction per epoch, from the
-  ``filter_usage`` records of ``metrics.jsonl`` (``--filter-usage-every``).
+  ``filter_usage`` records of ``metrics.jsonl`` (``--filter-usage-every``);
+- ``top1_vs_budget``: the table's top-1 against the training budget (epochs), mean with a +-1 std band
+  over seeds, where a dataset/model was trained for several numbers of epochs;
+- ``critical_difference``: average ranks across the table's columns with the Nemenyi critical difference
+  (two or more columns and methods).
 
 Every figure is written only when some run has its data.
 
 One panel per dataset/model column of the table. Every method keeps one colour
-in every figure and every report: colours are keyed by the method's position in
-the registry (vanilla first), so mixup is the same colour in every figure.
+and one marker in every figure and every report: both are keyed by the method's
+position in the registry (vanilla first; other labels after the registry,
+sorted), so mixup looks the same in every figure. Twenty labels get twenty
+distinct colours (tab20, saturated hues first); markers cycle through 13 shapes.
 """
 from __future__ import annotations
 
@@ -38,18 +44,43 @@ from mixbench.results import read_jsonl  # noqa: E402
 EXTS = ("png", "pdf")
 
 
-def method_colors(labels: Sequence[str]) -> Dict[str, tuple]:
-    """A fixed colour per row label: registered methods by registry index, others after them, sorted."""
+# 20 colours: tab20's ten saturated hues first, then the light ones in the order that keeps neighbours in
+# registry order furthest apart (tab20's light blue, orange... are close to each other).
+_TAB20 = sns.color_palette("tab20", 20)
+PALETTE = [_TAB20[2 * i] for i in range(10)] + [_TAB20[2 * i + 1] for i in (5, 0, 8, 9, 3, 4, 2, 6, 1, 7)]
+# 13 filled markers: 13 and 20 share no factor, so (colour, marker) pairs repeat only after 260 labels, and
+# labels fewer than 13 places apart (every close pair of colours above) never share a marker.
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*", "d"]
+
+
+def _style_index(labels: Sequence[str]) -> Dict[str, int]:
+    """Registered methods by registry index, other labels after them, sorted."""
     from mixbench.methods import list_methods
 
     registry = list_methods()
-    palette = sns.color_palette("colorblind", 10) + sns.color_palette("tab20", 20)
-    colors = {}
-    extra = sorted(label for label in labels if label not in registry)
-    for label in labels:
-        i = registry.index(label) if label in registry else len(registry) + extra.index(label)
-        colors[label] = palette[i % len(palette)]
-    return colors
+    extra = sorted(set(label for label in labels if label not in registry))
+    return {label: registry.index(label) if label in registry else len(registry) + extra.index(label)
+            for label in labels}
+
+
+def method_colors(labels: Sequence[str]) -> Dict[str, tuple]:
+    """A fixed colour per row label: registered methods by registry index, others after them, sorted."""
+    return {label: PALETTE[i % len(PALETTE)] for label, i in _style_index(labels).items()}
+
+
+def method_markers(labels: Sequence[str]) -> Dict[str, str]:
+    """A fixed marker per row label, indexed like :func:`method_colors`."""
+    return {label: MARKERS[i % len(MARKERS)] for label, i in _style_index(labels).items()}
+
+
+def _lines(ax, data: pd.DataFrame, x: str, y: str, order: Sequence[str], colors, markers, *,
+           markevery: Optional[int] = None, **kwargs):
+    """Mean line with a +-1 std band over seeds per row label, in the label's colour and marker."""
+    npoints = data[x].nunique()
+    every = markevery or (max(1, npoints // 12) if npoints > 20 else None)
+    sns.lineplot(data=data, x=x, y=y, hue="row", hue_order=order, palette=colors, style="row",
+                 style_order=order, markers={r: markers[r] for r in order}, dashes=False, errorbar="sd",
+                 markevery=every, ax=ax, **kwargs)
 
 
 def _save(fig, out: Path, stem: str) -> List[Path]:
@@ -83,7 +114,7 @@ def curves_frame(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=["column", "row", "seed", "epoch", "test_top1"])
 
 
-def plot_curves(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors) -> List[Path]:
+def plot_curves(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors, markers) -> List[Path]:
     curves = curves_frame(runs)
     if curves.empty:
         return []
@@ -92,8 +123,7 @@ def plot_curves(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors) -> L
     for ax, g in zip(axes, groups):
         sub = curves[curves["column"] == g]
         order = [r for r in rows if r in set(sub["row"])]
-        sns.lineplot(data=sub, x="epoch", y="test_top1", hue="row", hue_order=order, palette=colors,
-                     errorbar="sd", marker="o" if sub["epoch"].nunique() <= 20 else None, ax=ax)
+        _lines(ax, sub, "epoch", "test_top1", order, colors, markers)
         ax.set_title(f"{g}: test top-1 per epoch")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test top-1 (%)")
@@ -139,26 +169,32 @@ def plot_top1(agg: pd.DataFrame, out: Path, rows, colors, metric: str, metric_wo
     return _save(fig, out, f"top1_{metric}")
 
 
-def plot_time(agg: pd.DataFrame, out: Path, rows, colors) -> List[Path]:
+def plot_time(agg: pd.DataFrame, out: Path, rows, colors, basis: Optional[Dict[str, str]] = None) -> List[Path]:
+    """Epoch time relative to vanilla per column: CPU time where ``basis`` says ``cpu``, wall time otherwise."""
+    from mixbench.report import TIME_FIELDS
+
+    basis = basis or {}
     groups = sorted(agg["column"].unique())
     fig, axes = _panels(len(groups))
     drawn = False
     for ax, g in zip(axes, groups):
         sub = agg[agg["column"] == g]
+        cpu = basis.get(g) == "cpu"
+        what = "epoch CPU time" if cpu else "training time per epoch"
         rel = sub[sub["quantity"] == "epoch_time_rel"]
         if len(rel):
             _bars(ax, rel, rows, colors, zoom=False, fmt=".2f")
             ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-            ax.set_ylabel("epoch time relative to vanilla (×)")
-            ax.set_title(f"{g}: training time per epoch vs vanilla")
+            ax.set_ylabel(f"{'epoch CPU time' if cpu else 'epoch time'} relative to vanilla (×)")
+            ax.set_title(f"{g}: {what} vs vanilla")
         else:
-            sec = sub[sub["quantity"] == "epoch_time_s"]
+            sec = sub[sub["quantity"] == TIME_FIELDS["cpu" if cpu else "wall"]]
             if not len(sec):
                 ax.set_visible(False)
                 continue
             _bars(ax, sec, rows, colors, zoom=False, fmt=".2f")
-            ax.set_ylabel("training time per epoch (s)")
-            ax.set_title(f"{g}: training time per epoch (no vanilla run)")
+            ax.set_ylabel(f"{what} (s)")
+            ax.set_title(f"{g}: {what} (no vanilla run)")
         ax.set_xlabel("method")
         drawn = True
     if not drawn:
@@ -248,7 +284,7 @@ def feature_removal_frame(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=["column", "row", "seed", "channels", "k", "top1"])
 
 
-def plot_feature_removal(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors) -> List[Path]:
+def plot_feature_removal(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors, markers) -> List[Path]:
     fr = feature_removal_frame(runs)
     if fr.empty:
         return []
@@ -257,8 +293,7 @@ def plot_feature_removal(runs: pd.DataFrame, out: Path, rows: Sequence[str], col
     for ax, g in zip(axes, groups):
         sub = fr[fr["column"] == g]
         order = [r for r in rows if r in set(sub["row"])]
-        sns.lineplot(data=sub, x="k", y="top1", hue="row", hue_order=order, palette=colors, errorbar="sd",
-                     marker="o", ax=ax)
+        _lines(ax, sub, "k", "top1", order, colors, markers)
         ks = sorted(sub["k"].unique())
         if len(ks) > 2 and ks[-1] > 8:  # k doubles: a log axis that keeps k = 0
             ax.set_xscale("symlog", linthresh=1, linscale=0.5)
@@ -306,7 +341,7 @@ def _stage_label(stage: str) -> str:
     return "features (head input)" if stage == "features" else stage
 
 
-def plot_filter_usage(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors) -> List[Path]:
+def plot_filter_usage(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors, markers) -> List[Path]:
     shares, stats = filter_usage_frames(runs)
     files: List[Path] = []
     if not shares.empty:
@@ -324,9 +359,8 @@ def plot_filter_usage(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors
                 ax.set_visible(True)
                 sub = shares[(shares["column"] == g) & (shares["stage"] == stage)]
                 order = [r for r in rows if r in set(sub["row"])]
-                sns.lineplot(data=sub, x="rank", y="share", hue="row", hue_order=order, palette=colors,
-                             errorbar="sd", ax=ax, linewidth=1.5)
                 c = int(round(1.0 / sub["rank"].min()))
+                _lines(ax, sub, "rank", "share", order, colors, markers, markevery=max(1, c // 8), linewidth=1.5)
                 ax.axhline(1.0 / c, color="gray", linestyle="--", linewidth=1, label="equal use (1/C)")
                 ax.set_xlim(0, 1)  # y not from 0: real networks sit near equal use, methods differ in the tails
                 ax.set_title(f"{g}: {_stage_label(stage)} (C = {c})", fontsize="medium")
@@ -353,7 +387,8 @@ def plot_filter_usage(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors
                                  (axes[gi][1], "effective_fraction",
                                   "effective channels / C (higher: wider filter use)")):
                 sns.pointplot(data=sub, x="stage", y=y, hue="row", order=stage_order, hue_order=order,
-                              palette=colors, errorbar="sd", dodge=0.4 if len(order) > 1 else False,
+                              palette=colors, markers=[markers[r] for r in order], linestyles="-",
+                              errorbar="sd", dodge=0.4 if len(order) > 1 else False,
                               capsize=0.08, markersize=5, linewidth=1.2, err_kws={"linewidth": 1.2}, ax=ax)
                 ax.set_title(f"{g}: {words}", fontsize="medium")
                 ax.set_xlabel("stage")
@@ -381,7 +416,7 @@ def filter_usage_epochs_frame(runs: pd.DataFrame) -> pd.DataFrame:
                                                       "mean_effective_fraction"])
 
 
-def plot_filter_usage_epochs(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors) -> List[Path]:
+def plot_filter_usage_epochs(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors, markers) -> List[Path]:
     curves = filter_usage_epochs_frame(runs)
     if curves.empty:
         return []
@@ -393,8 +428,7 @@ def plot_filter_usage_epochs(runs: pd.DataFrame, out: Path, rows: Sequence[str],
         for ax, y, words in ((axes[gi][0], "mean_gini", "mean Gini over stages (lower: wider filter use)"),
                              (axes[gi][1], "mean_effective_fraction",
                               "mean effective channels / C (higher: wider use)")):
-            sns.lineplot(data=sub, x="epoch", y=y, hue="row", hue_order=order, palette=colors, errorbar="sd",
-                         marker="o" if sub["epoch"].nunique() <= 20 else None, ax=ax)
+            _lines(ax, sub, "epoch", y, order, colors, markers)
             ax.set_title(f"{g}: {words}", fontsize="medium")
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{'Gini' if y == 'mean_gini' else 'effective channels / C'}, mean ± std over seeds")
@@ -405,6 +439,70 @@ def plot_filter_usage_epochs(runs: pd.DataFrame, out: Path, rows: Sequence[str],
     return _save(fig, out, "filter_usage_per_epoch")
 
 
+# ---------------------------------------------------------------------------
+# training budget and ranks across benchmarks
+# ---------------------------------------------------------------------------
+def plot_budget(runs: pd.DataFrame, out: Path, rows: Sequence[str], colors, markers, metric_words: str) -> List[Path]:
+    """Top-1 against the number of epochs, one panel per dataset/model trained for several budgets: mean over
+    seeds with a +-1 std band (runs with ``top1`` from :func:`mixbench.report.top1_runs`)."""
+    from mixbench.stats import budget_groups
+
+    runs = runs.assign(budget_group=budget_groups(runs), epochs=pd.to_numeric(runs["epochs"], errors="coerce"))
+    runs = runs.dropna(subset=["top1", "epochs"])
+    groups = [g for g in sorted(runs["budget_group"].unique())
+              if runs.loc[runs["budget_group"] == g, "epochs"].nunique() > 1]
+    if not groups:
+        return []
+    fig, axes = _panels(len(groups))
+    for ax, g in zip(axes, groups):
+        sub = runs[runs["budget_group"] == g]
+        stats = sub.groupby(["row", "epochs"])["top1"].agg(["mean", "std"]).reset_index()
+        for r in [r for r in rows if r in set(stats["row"])]:
+            line = stats[stats["row"] == r].sort_values("epochs")
+            x, m, sd = line["epochs"].to_numpy(), line["mean"].to_numpy(), line["std"].fillna(0.0).to_numpy()
+            ax.plot(x, m, color=colors[r], marker=markers[r], label=r, linewidth=1.5)
+            ax.fill_between(x, m - sd, m + sd, color=colors[r], alpha=0.15, linewidth=0)
+        budgets = sorted(int(b) for b in sub["epochs"].unique())
+        if budgets[-1] / budgets[0] >= 4:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set_title(f"{g}: test top-1 {metric_words}\nagainst the training budget")
+        ax.set_xlabel("training budget (epochs)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.legend(title="method (mean, band ±1 std over seeds)", fontsize="small", title_fontsize="small")
+    return _save(fig, out, "top1_vs_budget")
+
+
+def plot_critical_difference(ranks, out: Path, colors) -> List[Path]:
+    """Demšar's critical-difference diagram of :class:`mixbench.stats.Ranks`: average ranks on the axis, methods
+    whose pairwise Nemenyi test does not reject equality (5%) joined by a bar, the critical difference above."""
+    if ranks is None or ranks.nemenyi is None:
+        return []
+    import scikit_posthocs as sp
+
+    k = len(ranks.rows)
+    fig, ax = plt.subplots(figsize=(7.0, 3.0))
+    avg = pd.Series({r: float(ranks.average[r]) for r in ranks.rows})
+    sp.critical_difference_diagram(avg, ranks.nemenyi, ax=ax, color_palette={r: colors[r] for r in ranks.rows},
+                                   label_fmt_left="{label} ({rank:.2f})", label_fmt_right="({rank:.2f}) {label}")
+    # The critical difference as a bar above the rank axis (its tick labels take about one unit of y).
+    low, top = float(avg.min()), 3.0
+    ax.plot([low, low + ranks.cd], [2.0, 2.0], color="black", linewidth=1.5)
+    for end in (low, low + ranks.cd):
+        ax.plot([end, end], [1.85, 2.15], color="black", linewidth=1.5)
+    ax.text(low + ranks.cd / 2, 2.25, f"critical difference (Nemenyi, 5%) = {ranks.cd:.2f}", ha="center",
+            va="bottom", fontsize="small")
+    ax.set_xlim(1.0 - 0.05 * k, max(k, low + ranks.cd) + 0.05 * k)
+    bottom = ax.get_ylim()[0]
+    ax.set_ylim(bottom, top)
+    fig.set_size_inches(7.0, 0.6 + 0.25 * (top - bottom))
+    ax.set_title(f"Average rank over {len(ranks.columns)} columns (1 = best); Friedman p = {ranks.p:.3g}",
+                 fontsize="medium")
+    return _save(fig, out, "critical_difference")
+
+
 def write_plots(
     runs: pd.DataFrame,
     out: Path,
@@ -412,20 +510,33 @@ def write_plots(
     metric: str = "final",
     rows: Optional[Sequence[str]] = None,
     eval_keys: Sequence[str] = (),
+    table: Any = None,
 ) -> List[Path]:
-    """Every figure for the labelled complete runs (``mixbench.report.label_runs``); returns the files."""
-    from mixbench.report import METRICS, aggregate, row_order
+    """Every figure for the labelled complete runs (``mixbench.report.label_runs``); returns the files.
+
+    ``table`` (``mixbench.report.build_table``'s) supplies the ranks and the time basis; without it they are
+    computed here.
+    """
+    from mixbench.report import METRICS, aggregate, row_order, time_basis, top1_runs
+    from mixbench.stats import rank_methods
 
     rows = list(rows) if rows is not None else row_order(runs)
     colors = method_colors(rows)
+    markers = method_markers(rows)
     agg = aggregate(runs, metric)
+    scored = top1_runs(runs, metric)
+    basis = table.time_basis if table is not None else time_basis(runs)
+    ranks = table.ranks if table is not None else rank_methods(scored, rows)[0]
     files: List[Path] = []
     with sns.axes_style("whitegrid"), plt.rc_context({"figure.autolayout": False}):
-        files += plot_curves(runs, out, rows, colors)
+        files += plot_curves(runs, out, rows, colors, markers)
         files += plot_top1(agg, out, rows, colors, metric, METRICS[metric][1])
-        files += plot_time(agg, out, rows, colors)
+        files += plot_time(agg, out, rows, colors, basis)
         files += plot_eval(agg, out, rows, colors, eval_keys)
-        files += plot_feature_removal(runs, out, rows, colors)
-        files += plot_filter_usage(runs, out, rows, colors)
-        files += plot_filter_usage_epochs(runs, out, rows, colors)
+        files += plot_feature_removal(runs, out, rows, colors, markers)
+        files += plot_filter_usage(runs, out, rows, colors, markers)
+        files += plot_filter_usage_epochs(runs, out, rows, colors, markers)
+        files += plot_budget(scored, out, rows, colors, markers, METRICS[metric][1])
+    with sns.axes_style("white"):
+        files += plot_critical_difference(ranks, out, colors)
     return files

@@ -10,6 +10,8 @@ run with several settings), and writes
 - ``table.tex``  a booktabs ``table`` environment with caption and label;
 - ``runs.csv``   one row per run (complete, incomplete and failed), tidy;
 - ``summary.csv`` one row per (column, row, quantity) with mean, std and n;
+- ``stats.csv``  paired comparisons with vanilla and with each column's best (:mod:`mixbench.stats`);
+- ``ranks.csv``  average ranks across columns, with the Friedman test (two or more columns);
 - ``plots/``     PNG and PDF figures (see :mod:`mixbench.plots`).
 
 Runs that did not complete (``status`` other than ``complete``, or a run
@@ -67,7 +69,8 @@ def is_headline(key: str) -> bool:
 # plain-text summary printed by `mixbench run`
 # ---------------------------------------------------------------------------
 def summary_table(results: Sequence[Dict[str, Any]], metric: str = "final_top1") -> str:
-    """A plain-text table: method, runs, mean top-1 +- std, epoch time relative to vanilla.
+    """A plain-text table: method, runs, mean top-1 +- std (the value alone for one run), epoch time relative
+    to vanilla (CPU time when every run ran on the CPU and recorded it, else wall time).
 
     Runs that did not complete (``status`` failed, or running in another launcher)
     are listed below the table with their reason, never averaged.
@@ -82,15 +85,20 @@ def summary_table(results: Sequence[Dict[str, Any]], metric: str = "final_top1")
     ]
     if not by_method:
         return "\n".join(["no complete runs", *others])
+    done = [r for runs in by_method.values() for r in runs]
+    cpu = all(is_cpu_device(r.get("device")) and (_number(r.get("epoch_cpu_time_s")) or 0) > 0 for r in done)
+    key = "epoch_cpu_time_s" if cpu else "epoch_time_s"
     base = by_method.get("vanilla")
-    base_time = statistics.mean(r["epoch_time_s"] for r in base) if base else None
-    rows = [("method", "runs", f"{metric} (%)", "epoch time", "vs vanilla")]
+    base_time = statistics.mean(r[key] for r in base) if base else None
+    rows = [("method", "runs", f"{metric} (%)", "epoch time", "vs vanilla (CPU time)" if cpu else "vs vanilla")]
     for method, runs in by_method.items():
         accs = [r[metric] for r in runs]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        acc = f"{statistics.mean(accs):.2f}"
+        if len(accs) > 1:
+            acc += f" +- {statistics.stdev(accs):.2f}"
         t = statistics.mean(r["epoch_time_s"] for r in runs)
-        rel = f"{t / base_time:.2f}x" if base_time else "-"
-        rows.append((method, str(len(runs)), f"{statistics.mean(accs):.2f} +- {std:.2f}", f"{t:.2f} s", rel))
+        rel = f"{statistics.mean(r[key] for r in runs) / base_time:.2f}x" if base_time else "-"
+        rows.append((method, str(len(runs)), acc, f"{t:.2f} s", rel))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -159,6 +167,41 @@ def _protocol(result: Dict[str, Any]) -> Dict[str, Any]:
     if "epochs" in result and proto.get("epochs") is None:
         proto["epochs"] = result["epochs"]
     return proto
+
+
+def is_cpu_device(device: Any) -> bool:
+    """Whether a result's ``device`` names the CPU (``cpu`` or ``cpu (x86_64, 2 threads)``); CUDA devices are
+    recorded by their name."""
+    return isinstance(device, str) and device.strip().lower().startswith("cpu")
+
+
+def _number(value: Any) -> Optional[float]:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _num_threads(result: Dict[str, Any]) -> Optional[int]:
+    """``num_threads`` of result.json, else the ``N threads`` of a CPU device name."""
+    n = _number(result.get("num_threads"))
+    if n is None and is_cpu_device(result.get("device")):
+        m = re.search(r"(\d+) threads?", result["device"])
+        n = float(m.group(1)) if m else None
+    return int(n) if n else None
+
+
+def contention_factor(result: Dict[str, Any]) -> Optional[float]:
+    """Wall time x threads / CPU time of a CPU run's epochs: about 1 (or below) when its threads had the cores
+    to themselves, larger when they waited for a CPU shared with other work. None on CUDA or without the
+    numbers (results written before CPU time was recorded)."""
+    if not is_cpu_device(result.get("device")):
+        return None
+    wall, cpu, threads = _number(result.get("epoch_time_s")), _number(result.get("epoch_cpu_time_s")), _num_threads(result)
+    if not (wall and cpu and threads):
+        return None
+    return wall * threads / cpu
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -244,6 +287,10 @@ def load_runs(roots: Iterable[Path]) -> RunSet:
             "last10_median_top1": r.get("last10_median_top1"),
             "final_top5": r.get("final_top5"),
             "epoch_time_s": r.get("epoch_time_s"),
+            "epoch_cpu_time_s": r.get("epoch_cpu_time_s"),
+            "cpu_time_s": r.get("cpu_time_s"),
+            "num_threads": _num_threads(r),
+            "cpu_contention": contention_factor(r),
             "peak_mem_mb": r.get("peak_mem_mb"),
             "wall_time_s": r.get("wall_time_s"),
             "device": r.get("device"),
@@ -338,26 +385,59 @@ def column_order(runs) -> List[str]:
     return sorted(runs["column"].unique())
 
 
-def aggregate(runs, metric: str = "final"):
-    """One row per (column, row, quantity): mean, std (ddof 1; NaN for one run), n.
+# The per-run time of each basis of the cost column.
+TIME_FIELDS = {"cpu": "epoch_cpu_time_s", "wall": "epoch_time_s"}
+CONTENTION_LIMIT = 1.5  # wall x threads / CPU time above this: the run waited for a shared CPU
 
-    Quantities: the chosen top-1 metric (``top1``), ``epoch_time_s``, ``epoch_time_rel``
-    (each run's median epoch time over the mean of vanilla's in the same column),
-    ``peak_mem_mb`` and every ``eval.*`` metric.
+
+def time_basis(runs) -> Dict[str, str]:
+    """column -> ``cpu`` or ``wall``: the epoch time that measures a method's cost in that column.
+
+    CPU time (process user + system seconds of each epoch's training) where every run of the column ran on
+    the CPU and recorded it: on a CPU shared with other work, wall time also counts the waiting. Wall time on
+    CUDA (CPU time there is mostly the host waiting for the GPU) and for results that predate CPU time.
     """
     import pandas as pd
 
-    field_name = METRICS[metric][0]
-    runs = runs.copy()
-    runs["top1"] = pd.to_numeric(runs[field_name], errors="coerce")
-    runs["epoch_time_rel"] = float("nan")
+    out = {}
+    cpu_time = pd.to_numeric(runs.get("epoch_cpu_time_s", pd.Series(index=runs.index, dtype=float)),
+                             errors="coerce")
     for col, sub in runs.groupby("column"):
-        base = sub.loc[sub["method"] == "vanilla", "epoch_time_s"].astype(float).mean()
+        on_cpu = sub["device"].map(is_cpu_device).all() if "device" in sub else False
+        out[col] = "cpu" if on_cpu and cpu_time[sub.index].gt(0).all() else "wall"
+    return out
+
+
+def top1_runs(runs, metric: str = "final"):
+    """``runs`` with a numeric ``top1`` column: the ``--metric`` field."""
+    import pandas as pd
+
+    runs = runs.copy()
+    runs["top1"] = pd.to_numeric(runs[METRICS[metric][0]], errors="coerce")
+    return runs
+
+
+def aggregate(runs, metric: str = "final"):
+    """One row per (column, row, quantity): mean, std (ddof 1; NaN for one run), n.
+
+    Quantities: the chosen top-1 metric (``top1``), ``epoch_time_s`` (wall), ``epoch_cpu_time_s``,
+    ``epoch_time_rel`` (each run's median epoch time over the mean of vanilla's in the same column, in CPU
+    time or wall time as :func:`time_basis` chooses), ``cpu_contention``, ``peak_mem_mb`` and every
+    ``eval.*`` metric.
+    """
+    import pandas as pd
+
+    runs = top1_runs(runs, metric)
+    runs["epoch_time_rel"] = float("nan")
+    for col, basis in time_basis(runs).items():
+        sub = runs[runs["column"] == col]
+        t = pd.to_numeric(sub[TIME_FIELDS[basis]], errors="coerce")
+        base = t[sub["method"] == "vanilla"].mean()
         if base and base > 0 and math.isfinite(base):
-            runs.loc[sub.index, "epoch_time_rel"] = sub["epoch_time_s"].astype(float) / base
-    quantities = ["top1", "epoch_time_s", "epoch_time_rel", "peak_mem_mb"] + [
-        c for c in runs.columns if c.startswith("eval.")
-    ]
+            runs.loc[sub.index, "epoch_time_rel"] = t / base
+    quantities = ["top1", "epoch_time_s", "epoch_cpu_time_s", "epoch_time_rel", "cpu_contention",
+                  "peak_mem_mb"] + [c for c in runs.columns if c.startswith("eval.")]
+    quantities = [q for q in quantities if q in runs.columns]
     long = runs.melt(
         id_vars=["column", "row", "method", "dataset", "model", "seed"], value_vars=quantities,
         var_name="quantity", value_name="value",
@@ -398,16 +478,114 @@ class Table:
     label: str
     problems: List[Dict[str, Any]]
     notes: List[Tuple[str, str]]  # (plain text, LaTeX)
+    marks: Dict[Tuple[str, int], str] = field(default_factory=dict)  # (row, column index) -> "†", "‡", "†‡"
+    sections: List[str] = field(default_factory=list)  # Markdown after the table: differences, ranks, budgets
+    paired: Any = None  # pandas.DataFrame of mixbench.stats.paired_comparisons (stats.csv)
+    ranks: Any = None  # mixbench.stats.Ranks, or None when there are too few columns or methods
+    sweeps: List[Any] = field(default_factory=list)  # mixbench.stats.Sweep per dataset/model with several budgets
+    time_basis: Dict[str, str] = field(default_factory=dict)  # column -> "cpu" or "wall"
 
 
 def _eval_better(key: str) -> str:
     return "min" if _LOWER_IS_BETTER.search(key) else "max"
 
 
+def _time_column(g: str, basis: str, present) -> Optional[Column]:
+    """The cost column of group ``g``: epoch time relative to vanilla (seconds without vanilla), in CPU time or
+    wall time as ``basis`` says."""
+    what = "epoch CPU time" if basis == "cpu" else "epoch time"
+    if (g, "epoch_time_rel") in present:
+        return Column(g, "epoch_time_rel", f"{what} (× vanilla)", f"{what} ($\\times$ vanilla)", None, 2, False)
+    quantity = TIME_FIELDS[basis]
+    if (g, quantity) in present:
+        return Column(g, quantity, f"{what} (s)", f"{what} (s)", None, 2, False)
+    return None
+
+
+def _join_groups(groups: Sequence[str], all_groups: Sequence[str]) -> str:
+    return "" if len(groups) == len(all_groups) else f" ({', '.join(groups)})"
+
+
+def _time_notes(runs, columns: List[Column], basis: Dict[str, str]) -> List[Tuple[str, str]]:
+    """What the cost column measures, which results lack CPU time, and which runs waited for a shared CPU."""
+    import pandas as pd
+
+    notes: List[Tuple[str, str]] = []
+    timed = list(dict.fromkeys(c.group for c in columns if c.quantity in ("epoch_time_rel",) + tuple(TIME_FIELDS.values())))
+    rel = any(c.quantity == "epoch_time_rel" for c in columns)
+    per = ", relative to vanilla's mean" if rel else ""
+    cpu = [g for g in timed if basis.get(g) == "cpu"]
+    wall = [g for g in timed if basis.get(g) != "cpu"]
+    if cpu:
+        t = (f"epoch CPU time{_join_groups(cpu, timed)}: process CPU time (user + system) of each epoch's "
+             f"training, median over epochs, mean over seeds{per}; on a CPU device it counts the work done, "
+             f"whatever else shared the cores")
+        notes.append((t, latex_escape(t)))
+    if wall:
+        t = (f"epoch time{_join_groups(wall, timed)}: wall-clock training time per epoch, median over epochs, "
+             f"mean over seeds{per}")
+        notes.append((t, latex_escape(t)))
+        old = []
+        for g in wall:
+            sub = runs[runs["column"] == g]
+            if not sub["device"].map(lambda d: isinstance(d, str) and not is_cpu_device(d)).all():
+                old.append(g)  # some runs on a CPU (or an unnamed device) without CPU time
+        if old:
+            which = "these results do not" if len(old) == len(timed) else f"the results of {', '.join(old)} do not"
+            t = (f"wall-clock time: {which} record CPU time (written before it was), so on a shared CPU their "
+                 f"epoch times also count waiting for the CPU")
+            notes.append((t, latex_escape(t)))
+    factors = pd.to_numeric(runs.get("cpu_contention"), errors="coerce") if "cpu_contention" in runs else None
+    if factors is not None:
+        hot = runs[factors > CONTENTION_LIMIT]
+        if len(hot):
+            named = []
+            for g, sub in hot.groupby("column", sort=True):
+                items = ", ".join(f"{r} seed {s} ({f:.2f})" for r, s, f in
+                                  sorted(zip(sub["row"], sub["seed"], factors[sub.index]), key=lambda t: (str(t[0]), t[1])))
+                named.append(f"{g}: {items}")
+            t = (f"CPU contention in {len(hot)} run(s) (wall time × threads / CPU time above {CONTENTION_LIMIT}: "
+                 f"they waited for a CPU shared with other work, so their wall times overstate their cost"
+                 f"{'; the CPU-time column is unaffected' if cpu else ''}): " + "; ".join(named))
+            notes.append((t, latex_escape(t).replace("×", r"$\times$")))
+    return notes
+
+
+def _stats_notes(table_groups: Sequence[str], rows: Sequence[str], paired) -> List[Tuple[str, str]]:
+    from mixbench import stats as st
+
+    notes: List[Tuple[str, str]] = []
+    if paired is None or paired.empty:
+        return notes
+    if paired["p"].notna().any():
+        plain = (f"{st.MARK_VS_BASELINE} differs from vanilla, {st.MARK_VS_BEST} differs from the best of its "
+                 f"column (bold): two-sided paired t-test on top-1 over seeds (runs paired by seed: same initial "
+                 f"weights, data order and training subset), {st.ALPHA:.0%} level after Holm's correction over the "
+                 f"methods of the column; mean differences, 95% CIs and p-values in stats.csv")
+        tex = latex_escape(plain).replace(st.MARK_VS_BASELINE, st.latex_marks(st.MARK_VS_BASELINE)) \
+            .replace(st.MARK_VS_BEST, st.latex_marks(st.MARK_VS_BEST))
+        notes.append((plain, tex))
+    missing = st.untested(paired)
+    if missing:
+        plain = (f"not tested, fewer than {st.MIN_PAIRS} seeds paired with the reference (no mark): "
+                 + "; ".join(f"{g}: {', '.join(items)}" for g, items in sorted(missing.items())))
+        notes.append((plain, latex_escape(plain)))
+    no_base = sorted(g for g in table_groups
+                     if not (paired[(paired["column"] == g) & (paired["reference"] == "vanilla")]).shape[0]
+                     and (paired["column"] == g).any())
+    if no_base:
+        t = f"no vanilla runs in {', '.join(no_base)}: not compared with vanilla"
+        notes.append((t, latex_escape(t)))
+    return notes
+
+
 def build_table(runset: RunSet, metric: str = "final") -> Table:
+    from mixbench import stats as st
+
     runs = label_runs(runset.runs)
     agg = aggregate(runs, metric)
     rows, groups = row_order(runs), column_order(runs)
+    basis = time_basis(runs)
     index = {(c, r, q): (m, s, int(n)) for c, r, q, m, s, n in
              agg[["column", "row", "quantity", "mean", "std", "n"]].itertuples(index=False)}
     present = {(c, q) for c, _, q in index}
@@ -415,11 +593,9 @@ def build_table(runset: RunSet, metric: str = "final") -> Table:
     columns: List[Column] = []
     for g in groups:
         columns.append(Column(g, "top1", "top-1 (%)", r"top-1 (\%)", "max", 2, True))
-        if (g, "epoch_time_rel") in present:
-            columns.append(Column(g, "epoch_time_rel", "epoch time (× vanilla)",
-                                  r"epoch time ($\times$ vanilla)", None, 2, False))
-        elif (g, "epoch_time_s") in present:
-            columns.append(Column(g, "epoch_time_s", "epoch time (s)", "epoch time (s)", None, 2, False))
+        time_col = _time_column(g, basis.get(g, "wall"), present)
+        if time_col is not None:
+            columns.append(time_col)
         if (g, "peak_mem_mb") in present:
             columns.append(Column(g, "peak_mem_mb", "peak mem (MB)", "peak mem (MB)", None, 0, False))
         for key in runset.eval_keys:
@@ -449,14 +625,20 @@ def build_table(runset: RunSet, metric: str = "final") -> Table:
             elif len(vals) > 2 and len(distinct) > 1 and v == distinct[1]:
                 rank[(r, j)] = 2
 
+    # Paired tests per column, ranks across columns, budget sweeps: all on the table's top-1.
+    scored = top1_runs(runs, metric)
+    paired = st.paired_comparisons(scored, rows, metric)
+    by_cell = st.marks(paired)
+    marks = {(r, j): by_cell[(c.group, r)] for j, c in enumerate(columns) if c.quantity == "top1"
+             for r in rows if (c.group, r) in by_cell and (r, j) in cells}
+    ranks, no_ranks = st.rank_methods(scored, rows)
+    sweeps = st.budget_sweeps(scored, rows, paired)
+
     what = METRICS[metric][1]
-    has_time = any(c.quantity == "epoch_time_rel" for c in columns)
     has_mem = any(c.quantity == "peak_mem_mb" for c in columns)
     has_eval = any(c.quantity.startswith("eval.") for c in columns)
-    notes: List[Tuple[str, str]] = []  # (plain text, LaTeX)
-    if has_time:
-        t = "epoch time: median training time per epoch, mean over seeds, relative to vanilla"
-        notes.append((t, t))
+    notes: List[Tuple[str, str]] = _stats_notes(groups, rows, paired)
+    notes += _time_notes(runs, columns, basis)
     if has_mem:
         t = "peak mem: peak CUDA memory allocated (GPU) or peak process RSS (CPU)"
         notes.append((t, t))
@@ -465,16 +647,93 @@ def build_table(runset: RunSet, metric: str = "final") -> Table:
                       r"robustness metrics from each run's evaluation ($\uparrow$ higher is better, "
                       r"$\downarrow$ lower is better)"))
     excluded = f" {len(runset.problems)} incomplete or failed run(s) excluded." if runset.problems else ""
+    tested = paired["p"].notna().any()
+    mark_words = (f" {st.MARK_VS_BASELINE}/{st.MARK_VS_BEST}: differs from vanilla/from the best at 5% "
+                  f"(paired t-test over seeds, Holm).") if tested else ""
+    latex_marks = (f" {st.latex_marks(st.MARK_VS_BASELINE)}/{st.latex_marks(st.MARK_VS_BEST)}: differs from "
+                   f"vanilla/from the best at 5\\% (paired t-test over seeds, Holm).") if tested else ""
     caption = (
         f"Test top-1 accuracy (%) {what} (metric: {metric}); mean ± std over seeds, "
-        f"number of seeds in parentheses. Best per column in bold.{excluded}"
+        f"number of seeds in parentheses. Best per column in bold.{mark_words}{excluded}"
     )
     latex_caption = (
         f"Test top-1 accuracy (\\%) {what} (metric: {metric}); mean $\\pm$ std over seeds, "
-        f"number of seeds in parentheses. Best per column in bold, second best underlined.{excluded}"
+        f"number of seeds in parentheses. Best per column in bold, second best underlined.{latex_marks}{excluded}"
     )
-    return Table(rows, columns, cells, rank, caption, latex_caption, f"tab:mixbench-{metric}",
-                 runset.problems, notes)
+    table = Table(rows, columns, cells, rank, caption, latex_caption, f"tab:mixbench-{metric}",
+                  runset.problems, notes, marks=marks, paired=paired, ranks=ranks, sweeps=sweeps, time_basis=basis)
+    table.sections = [s for s in (_paired_section(paired, rows), _rank_section(ranks, no_ranks, metric),
+                                  _budget_section(sweeps)) if s]
+    return table
+
+
+def _num(x: float, fmt: str = "+.2f") -> str:
+    return f"{x:{fmt}}" if x == x else "–"
+
+
+def _paired_section(paired, rows: Sequence[str]) -> str:
+    """Markdown: every paired comparison of the top-1 columns (stats.csv has the same numbers)."""
+    if paired is None or paired.empty:
+        return ""
+    order = {r: i for i, r in enumerate(rows)}
+    lines = ["### Paired differences in top-1", "",
+             "Method minus reference, in percentage points, over the seeds both ran (paired by seed); "
+             "two-sided paired t-test, Holm-corrected over the methods of a column.", "",
+             "| column | method | vs | Δ mean | 95% CI | p | p (Holm) | paired seeds |",
+             "|:--|:--|:--|--:|--:|--:|--:|--:|"]
+    paired = paired.assign(_ref=paired["reference"].map({"vanilla": 0, "best": 1}),
+                           _row=paired["row"].map(order))
+    # Where vanilla is the best, the comparisons with the best repeat those with vanilla (stats.csv has both).
+    dup = (paired["reference"] == "best") & (paired["reference_row"] == "vanilla")
+    for rec in paired[~dup].sort_values(["column", "_ref", "_row"]).itertuples(index=False):
+        vs = "vanilla" if rec.reference == "vanilla" else f"best ({rec.reference_row})"
+        ci = f"[{rec.ci_low:+.2f}, {rec.ci_high:+.2f}]" if rec.ci_low == rec.ci_low else "–"
+        if rec.p == rec.p:
+            p, ph = _p_text(rec.p), _p_text(rec.p_holm) + (" *" if rec.significant else "")
+        else:
+            p, ph = "not tested", "–"
+        lines.append(f"| {_md_escape(rec.column)} | {_md_escape(rec.row)} | {_md_escape(vs)} | {_num(rec.diff_mean)} "
+                     f"| {ci} | {p} | {ph} | {rec.n_pairs} |")
+    lines += ["", "\\* below 0.05 after Holm's correction (a mark in the table)."]
+    return "\n".join(lines)
+
+
+def _p_text(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3g}"
+
+
+def _rank_section(ranks, why: str, metric: str) -> str:
+    if ranks is None:
+        return f"Ranks across benchmarks: not computed ({why})."
+    lines = [f"### Average rank over {len(ranks.columns)} columns", "",
+             f"Rank of each method's mean top-1 ({metric}) in each column (1 = best, ties share the mean rank), "
+             f"averaged over the columns; plots/critical_difference.png draws them.", "",
+             "| method | average rank | " + " | ".join(_md_escape(c) for c in ranks.columns) + " |",
+             "|:--|--:|" + "|".join("--:" for _ in ranks.columns) + "|"]
+    for row in sorted(ranks.rows, key=lambda r: (ranks.average[r], ranks.rows.index(r))):
+        per = " | ".join(f"{ranks.ranks.loc[c, row]:g}" for c in ranks.columns)
+        lines.append(f"| {_md_escape(row)} | {ranks.average[row]:.2f} | {per} |")
+    k, n = len(ranks.rows), len(ranks.columns)
+    verdict = "the methods' ranks differ" if ranks.p < 0.05 else "no evidence that the methods' ranks differ"
+    lines += ["", f"- Friedman test over {n} columns and {k} methods: χ²({k - 1}) = {ranks.chi2:.2f}, "
+                  f"p = {_p_text(ranks.p)} ({verdict} at 5%).",
+              f"- Nemenyi critical difference at 5%: {ranks.cd:.2f} (average ranks further apart than this "
+              f"differ; methods joined by a bar in the diagram do not)."]
+    if ranks.left_out:
+        lines.append(f"- Not ranked (missing from some column): {', '.join(ranks.left_out)}.")
+    return "\n".join(lines)
+
+
+def _budget_section(sweeps) -> str:
+    if not sweeps:
+        return ""
+    lines = ["### Training budget", "",
+             "Smallest budget (epochs) at which each method's mean top-1 over seeds exceeds vanilla's, and the "
+             "paired test at that budget; plots/top1_vs_budget.png draws every budget."]
+    for sw in sweeps:
+        lines += ["", f"{sw.group} ({', '.join(str(b) for b in sw.budgets)} epochs):", ""]
+        lines += [f"- {line}" for line in sw.lines]
+    return "\n".join(lines)
 
 
 def _fmt(mean: float, std: float, n: int, col: Column) -> Tuple[str, str]:
@@ -515,12 +774,15 @@ def to_markdown(table: Table) -> str:
             num, n = _fmt(*table.cells[(r, j)], c)
             if table.rank.get((r, j)) == 1:
                 num = f"**{num}**"
+            num += table.marks.get((r, j), "")
             cells.append(f"{num} {n}".strip())
         lines.append(f"| {_md_escape(r)} | " + " | ".join(cells) + " |")
     if table.notes:
         lines.append("")
         lines.extend(f"- {plain}" for plain, _ in table.notes)
     lines.extend(_problem_lines(table.problems, "md"))
+    for section in table.sections:
+        lines += ["", section]
     return "\n".join(lines) + "\n"
 
 
@@ -549,6 +811,8 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: Table) -> str:
+    from mixbench import stats as stats_marks
+
     groups = list(dict.fromkeys(c.group for c in table.columns))
     spans = [(g, [j for j, c in enumerate(table.columns) if c.group == g]) for g in groups]
     lines = [
@@ -582,6 +846,7 @@ def to_latex(table: Table) -> str:
                 num = f"\\textbf{{{num}}}"
             elif rank == 2:
                 num = f"\\underline{{{num}}}"
+            num += stats_marks.latex_marks(table.marks.get((r, j), ""))
             cells.append(f"{num} {{\\scriptsize {n}}}" if n else num)
         lines.append("    " + " & ".join(cells) + r" \\")
     lines += [r"    \bottomrule", r"  \end{tabular}"]
@@ -655,9 +920,16 @@ def write_report(
         files.append(out / "runs.csv")
         aggregate(label_runs(runset.runs), metric).to_csv(out / "summary.csv", index=False)
         files.append(out / "summary.csv")
+        table.paired.to_csv(out / "stats.csv", index=False)
+        files.append(out / "stats.csv")
+        if table.ranks is not None:
+            from mixbench.stats import ranks_frame
+
+            ranks_frame(table.ranks, label_runs(runset.runs)).to_csv(out / "ranks.csv", index=False)
+            files.append(out / "ranks.csv")
     if plots:
         from mixbench.plots import write_plots
 
         files.extend(write_plots(label_runs(runset.runs), out / "plots", metric=metric,
-                                 rows=table.rows, eval_keys=runset.eval_keys))
+                                 rows=table.rows, eval_keys=runset.eval_keys, table=table))
     return {"files": files, "table": table, "runset": runset, "markdown": markdown}

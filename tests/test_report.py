@@ -29,8 +29,12 @@ SPEC = {"epochs": 3, "batch_size": 64, "lr": 0.1, "schedule": "cosine", "model_k
 
 def make_run(root: Path, method: str, seed: int, final: float, *, best=None, last10=None, time_s=1.0,
              mem=100.0, status="complete", dataset="digits", model="net", params=None, eval_=None,
-             curve=None, spec=None, write_result=True):
-    """A run directory as the harness writes it: metrics.jsonl, spec.yaml and (usually) result.json."""
+             curve=None, spec=None, write_result=True, cpu_s=None, threads=None, device=None):
+    """A run directory as the harness writes it: metrics.jsonl, spec.yaml and (usually) result.json.
+
+    ``cpu_s`` (process CPU seconds per epoch) with ``threads`` and ``device`` writes the cost fields of runs
+    that record CPU time; without them the run looks like a result written before they existed.
+    """
     spec = {**SPEC, **(spec or {}), "method": method, "seed": seed, "dataset": dataset, "model": model,
             "method_params": params or {}}
     run_id = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
@@ -39,16 +43,26 @@ def make_run(root: Path, method: str, seed: int, final: float, *, best=None, las
     curve = curve if curve is not None else [final - 20.0, final - 5.0, final]
     with open(run_dir / "metrics.jsonl", "w") as f:
         for epoch, top1 in enumerate(curve):
-            f.write(json.dumps({"epoch": epoch, "test_top1": top1, "epoch_time_s": time_s}) + "\n")
+            line = {"epoch": epoch, "test_top1": top1, "epoch_time_s": time_s}
+            if cpu_s is not None:
+                line["epoch_cpu_time_s"] = cpu_s
+            f.write(json.dumps(line) + "\n")
     (run_dir / "spec.yaml").write_text(json.dumps(spec))  # JSON is valid YAML
     if write_result:
         result = {
             "schema_version": 1, "run_id": run_id, "status": status, "method": method,
-            "method_params": params or {}, "dataset": dataset, "model": model, "seed": seed, "epochs": 3,
+            "method_params": params or {}, "dataset": dataset, "model": model, "seed": seed,
+            "epochs": spec["epochs"],
             "final_top1": final, "best_top1": final if best is None else best,
             "last10_median_top1": final if last10 is None else last10, "final_top5": 100.0,
-            "epoch_time_s": time_s, "peak_mem_mb": mem, "wall_time_s": 3 * time_s, "spec": spec,
+            "epoch_time_s": time_s, "peak_mem_mb": mem, "wall_time_s": len(curve) * time_s, "spec": spec,
         }
+        if cpu_s is not None:
+            result.update(epoch_cpu_time_s=cpu_s, cpu_time_s=len(curve) * cpu_s)
+        if threads is not None:
+            result["num_threads"] = threads
+        if device is not None:
+            result["device"] = device
         if eval_ is not None:
             result["eval"] = eval_
         (run_dir / "result.json").write_text(json.dumps(result))
