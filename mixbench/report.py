@@ -531,9 +531,9 @@ def _time_notes(runs, columns: List[Column], basis: Dict[str, str]) -> List[Tupl
             if not sub["device"].map(lambda d: isinstance(d, str) and not is_cpu_device(d)).all():
                 old.append(g)  # some runs on a CPU (or an unnamed device) without CPU time
         if old:
-            which = "these results do not" if len(old) == len(timed) else f"the results of {', '.join(old)} do not"
-            t = (f"wall-clock time: {which} record CPU time (written before it was), so on a shared CPU their "
-                 f"epoch times also count waiting for the CPU")
+            where = "" if len(old) == len(timed) else f" in {', '.join(old)}"
+            t = (f"wall-clock time{where}: not every run recorded CPU time (results written before it was), so "
+                 f"on a shared CPU the epoch times also count waiting for the CPU")
             notes.append((t, latex_escape(t)))
     factors = pd.to_numeric(runs.get("cpu_contention"), errors="coerce") if "cpu_contention" in runs else None
     if factors is not None:
@@ -694,7 +694,8 @@ def _paired_section(paired, rows: Sequence[str]) -> str:
             p, ph = "not tested", "–"
         lines.append(f"| {_md_escape(rec.column)} | {_md_escape(rec.row)} | {_md_escape(vs)} | {_num(rec.diff_mean)} "
                      f"| {ci} | {p} | {ph} | {rec.n_pairs} |")
-    lines += ["", "\\* below 0.05 after Holm's correction (a mark in the table)."]
+    if paired["significant"].astype(bool).any():
+        lines += ["", "\\* below 0.05 after Holm's correction (a mark in the table)."]
     return "\n".join(lines)
 
 

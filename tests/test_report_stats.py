@@ -210,13 +210,18 @@ def test_old_results_and_cuda_keep_wall_time(tmp_path):
     make_run(old, "mixup", 0, 91.0, time_s=1.5)
     md = to_markdown(build_table(load_runs([old])))
     assert "| epoch time (× vanilla) |" in md and md_row(md, "mixup")[2] == "1.50×"
-    assert "these results do not record CPU time" in md
+    assert "wall-clock time: not every run recorded CPU time" in md
+    mixed = tmp_path / "mixed"  # one run recorded CPU time, the other did not: wall time for both
+    make_run(mixed, "vanilla", 0, 90.0, time_s=1.0, cpu_s=2.0, threads=2, device="cpu")
+    make_run(mixed, "mixup", 0, 91.0, time_s=1.5)
+    md = to_markdown(build_table(load_runs([mixed])))
+    assert md_row(md, "mixup")[2] == "1.50×" and "not every run recorded CPU time" in md
     gpu = tmp_path / "gpu"
     make_run(gpu, "vanilla", 0, 90.0, time_s=1.0, cpu_s=0.9, threads=8, device="NVIDIA H200")
     make_run(gpu, "mixup", 0, 91.0, time_s=1.2, cpu_s=5.0, threads=8, device="NVIDIA H200")
     md = to_markdown(build_table(load_runs([gpu])))
     assert "| epoch time (× vanilla) |" in md and md_row(md, "mixup")[2] == "1.20×"
-    assert "do not record CPU time" not in md and "CPU contention" not in md  # wall time is right on CUDA
+    assert "recorded CPU time" not in md and "CPU contention" not in md  # wall time is right on CUDA
 
 
 def test_one_run_cells_have_no_zero_std(tmp_path):
