@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from mixbench import UsageError
+
 from mixbench.methods import create_method, list_methods
 from mixbench.methods._registry import mix_targets
 from mixbench.methods.cutmix import cutmix, cutmix_box
@@ -85,3 +87,24 @@ def test_method_rng_state_round_trip():
     a = [m.draw_lambda(1.0) for _ in range(3)]
     m.load_state_dict(state)
     assert a == [m.draw_lambda(1.0) for _ in range(3)]
+
+
+def test_puzzlemix_box_hand_computed():
+    from mixbench.methods.cutmix import puzzlemix_box
+
+    # side sqrt(0.5) * 32 = 22.627: rows int(16 - 11.31) = 4 .. int(16 + 11.31) = 27, columns clipped at 0 .. int(15.01)
+    assert puzzlemix_box(32, 32, 0.5, 16.0, 3.7) == (4, 27, 0, 15)
+    y1, y2, x1, x2 = puzzlemix_box(32, 32, 1.0, 7.5, 9.2)  # lam = 1: an empty box, the batch is unchanged
+    assert y1 == y2 and x1 == x2
+
+
+def test_cutmix_box_rules_draw_in_their_own_way():
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.eye(4)
+    for rule in ("puzzlemix", "clovaai"):
+        m = create_method("cutmix", box=rule)
+        m.setup(seed=0, num_classes=4, mean=(0.5,) * 3, std=(0.25,) * 3)
+        out = m(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)), x, y)
+        torch.testing.assert_close(out.target.sum(1), torch.ones(4))
+    with pytest.raises(UsageError, match="cutmix box must be one of puzzlemix, clovaai"):
+        create_method("cutmix", box="round")
