@@ -575,8 +575,9 @@ class PuzzleMix(MixMethod):
             noise = torch.from_numpy(self.rng.uniform(-self.adv_eps, self.adv_eps, size=tuple(x.shape)))
             noise = noise.to(x.device, x.dtype)
             pixels = x * std + mean
-            noise = (pixels + noise).clamp(0, 1) - pixels
-            x_in = (pixels + noise - mean) / std
+            noisy = (pixels + noise).clamp(0, 1)
+            noise = noisy - pixels
+            x_in = (noisy - mean) / std  # as the reference's train(): the clamped pixels, not pixels + noise
         saliency, grad, extra = self.saliency(model, x_in, y)
         if noise is not None:  # one FGSM step from the random start, scaled by a random factor
             noise = (noise + (self.adv_eps + 2 / 255) * grad.sign()).clamp(-self.adv_eps, self.adv_eps)

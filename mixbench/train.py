@@ -41,7 +41,7 @@ from mixbench import UsageError
 from mixbench.checkpoint import load_checkpoint, remove_checkpoint, remove_partial_writes, save_checkpoint
 from mixbench.data import Dataset, DeviceLoader, load_dataset, make_loaders
 from mixbench.evaluate import filter_usage_during_training
-from mixbench.losses import get_loss
+from mixbench.losses import Loss, get_loss
 from mixbench.methods import create_method
 from mixbench.lock import RunLock
 from mixbench.models import count_parameters, create_model
@@ -214,6 +214,18 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
+def step_loss(method, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: Loss,
+              extra_weight: float, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """The loss of one training step: the method's forward (under ``autocast``), then the run's
+    loss in float32 outside autocast, plus the method's extra term scaled for that loss."""
+    with autocast():
+        out = method(model, x, target)
+    loss = criterion(out.logits, out.target)
+    if out.extra_loss is not None:
+        loss = loss + extra_weight * out.extra_loss
+    return loss
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated, or on CPU the peak resident set size since ``reset_peak_memory``
     (the process's lifetime peak where /proc is not available)."""
@@ -334,11 +346,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
                 target = F.one_hot(y, info.num_classes).float()
                 if spec.label_smoothing:
                     target = target * (1 - spec.label_smoothing) + spec.label_smoothing / info.num_classes
-                with autocast():
-                    out = method(forward, x, target)
-                loss = criterion(out.logits, out.target)  # float32, outside autocast
-                if out.extra_loss is not None:
-                    loss = loss + extra_weight * out.extra_loss
+                loss = step_loss(method, forward, x, target, criterion, extra_weight, autocast)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
