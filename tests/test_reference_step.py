@@ -73,6 +73,14 @@ def test_tiny_imagenet_protocol_values():
     assert info.mean == (0.5,) * 3 and info.std == (0.5,) * 3 and info.crop_padding == 4
     spec = RunSpec(method="vanilla", dataset="tiny-imagenet").resolved()
     assert (spec.stem, spec.loss, spec.lr) == ("cifar-s2", "bce", 0.2)
+    tiny = os.path.join(os.path.dirname(SPEC), "tinyimagenet_preactresnet18.yaml")
+    for c in expand_spec(load_spec(tiny)):
+        assert (c.stem, c.loss, c.lr, c.epochs, list(c.milestones), c.batch_size, c.weight_decay) == (
+            "cifar-s2", "bce", 0.2, 1200, [600, 900], 100, 1e-4), c.method
+        if c.method in ("mixup", "cutmix", "manifold_mixup"):
+            assert c.method_params["alpha"] == 0.2
+        if c.method == "puzzlemix":
+            assert (c.method_params["clean_lam"], c.method_params["t_size"]) == (1.0, -1)
     model = create_model("preactresnet18", num_classes=200, image_size=64, stem=spec.stem)
     assert model.stem.conv.stride == (2, 2) and model.stem.conv.kernel_size == (3, 3)
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 200)
