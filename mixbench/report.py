@@ -568,7 +568,7 @@ def _stats_notes(table_groups: Sequence[str], rows: Sequence[str], paired) -> Li
     missing = st.untested(paired)
     if missing:
         plain = (f"not tested, fewer than {st.MIN_PAIRS} seeds paired with the reference (no mark): "
-                 + "; ".join(f"{g}: {', '.join(items)}" for g, items in sorted(missing.items())))
+                 + "; ".join(f"{g}: {', '.join(dict.fromkeys(items))}" for g, items in sorted(missing.items())))
         notes.append((plain, latex_escape(plain)))
     no_base = sorted(g for g in table_groups
                      if not (paired[(paired["column"] == g) & (paired["reference"] == "vanilla")]).shape[0]
