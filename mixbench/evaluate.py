@@ -249,7 +249,7 @@ def calibration_metrics(logits: torch.Tensor, y: torch.Tensor, bins: int = 15) -
     probs = logits.softmax(1)
     conf, pred = probs.max(1)
     correct = (pred == y).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64).to(conf.device)  # the same edges on any device
     which = torch.bucketize(conf, edges[1:-1], right=False)  # bin b holds (edges[b], edges[b+1]]
     ece = 0.0
     for b in range(bins):
