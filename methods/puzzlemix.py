@@ -149,11 +149,21 @@ class GraphCutPool:
 
     @staticmethod
     def default_workers() -> int:
-        """One worker per available core, less the calling process's own."""
+        """One worker per available core, less the calling process's own.
+
+        The available cores are the process's CPU affinity, capped by ``$MIXBENCH_CPUS`` when set
+        (runs that share a node in parallel each get their share, see ``mixbench.launch``).
+        """
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # macOS, Windows
             cores = os.cpu_count() or 1
+        try:
+            cap = int(os.environ.get("MIXBENCH_CPUS") or 0)
+        except ValueError:
+            cap = 0
+        if cap > 0:
+            cores = min(cores, cap)
         return max(0, cores - 1)
 
     def _start(self) -> ProcessPoolExecutor:
@@ -285,7 +295,7 @@ def graph_cut_costs(
     cost_partner[:, :, 1:] += (ph[1, 0] + ph[0, 0]) / 2.0
     pw_v = (pv[1, 0] + pv[0, 1] - pv[1, 1] - pv[0, 0]) / 2
     pw_h = (ph[1, 0] + ph[0, 1] - ph[1, 1] - ph[0, 0]) / 2
-    cost_own, cost_partner, pw_v, pw_h = (t.detach().cpu().numpy() for t in (cost_own, cost_partner, pw_v, pw_h))
+    cost_own, cost_partner, pw_v, pw_h = _to_host(cost_own, cost_partner, pw_v, pw_h)
 
     # Integer costs. The dtypes follow the reference's numpy expressions: the unaries are combined in
     # float64, the edge weights in float32 (Python scalars do not promote a float32 array).
@@ -308,6 +318,20 @@ def graph_cut_costs(
     idx = np.arange(n_labels)
     smooth = ((idx[:, None] - idx[None, :]) ** 2 / (n_labels - 1) ** 2).astype(np.float32)
     return unary, pw_v, pw_h, smooth
+
+
+def _to_host(*tensors: torch.Tensor) -> Tuple[np.ndarray, ...]:
+    """The tensors as numpy arrays, in one device-to-host copy when they share a dtype (the same values)."""
+    if len({t.dtype for t in tensors}) != 1:
+        return tuple(t.detach().cpu().numpy() for t in tensors)
+    n = tensors[0].shape[0]
+    flat = torch.cat([t.detach().reshape(n, -1) for t in tensors], 1).cpu().numpy()
+    out, start = [], 0
+    for t in tensors:
+        size = t[0].numel()
+        out.append(flat[:, start:start + size].reshape(t.shape))
+        start += size
+    return tuple(out)
 
 
 def graph_cut_masks(x, saliency, perm, lam, block_num, *, pool: Optional[GraphCutPool] = None, **hyper) -> torch.Tensor:
@@ -335,7 +359,8 @@ def cost_matrix(side: int, device) -> torch.Tensor:
     return _COST_MATRICES[key]
 
 
-def transport_plan(mask: torch.Tensor, unary: torch.Tensor, t_eps: float) -> torch.Tensor:
+def transport_plan(mask: torch.Tensor, unary: torch.Tensor, t_eps: float,
+                   partial_argmin: Optional[bool] = None) -> torch.Tensor:
     """The reference's greedy transport: for each destination block, the source block moved there, -1 for none.
 
     mask (N, 1, n, n) (destinations where it is > 0 reward salient sources),
@@ -345,6 +370,12 @@ def transport_plan(mask: torch.Tensor, unary: torch.Tensor, t_eps: float) -> tor
     zero, exactly as the reference's dense ``min`` over ``plan * cost``); the
     losers' costs for that destination grow by one. ``n`` rounds; the last
     round's winners are the plan.
+
+    ``partial_argmin`` (default: on the CPU only) re-takes the arg-min of only the
+    rows whose cost changed when they are few, which needs their count and
+    indices on the host each round; otherwise every round re-takes all rows'
+    arg-min without any host synchronisation. The plans are the same: a row
+    whose source did not lose keeps its values, hence its arg-min.
     """
     n_batch, side = mask.shape[0], mask.shape[-1]
     n2 = side * side
@@ -353,10 +384,12 @@ def transport_plan(mask: torch.Tensor, unary: torch.Tensor, t_eps: float) -> tor
     rows = torch.arange(n2, device=mask.device).expand(n_batch, n2)
     inf = torch.full((n_batch, n2), math.inf, device=mask.device, dtype=cost.dtype)
     none = torch.full((n_batch, n2), n2, device=mask.device, dtype=torch.long)
+    if partial_argmin is None:
+        partial_argmin = mask.device.type == "cpu"
     best = cost.min(-1).indices  # (N, n2): each source's cheapest destination
     for step in range(side):
         if step:  # only the losers' rows changed: re-take their arg-min (alone when they are few)
-            if lost.sum() * 4 > lost.numel():
+            if not partial_argmin or lost.sum() * 4 > lost.numel():
                 best = cost.min(-1).indices
             else:
                 redo = lost.nonzero(as_tuple=True)
