@@ -17,14 +17,23 @@ the loader falls back to the previous checkpoint, or to none (a fresh start).
 
 Checkpoints are only ever loaded with ``torch.load(..., weights_only=True)``:
 tensors, numbers, strings and plain containers, never arbitrary objects.
+
+When a run writes one is decided by :class:`Checkpointer`: at the end of an
+epoch once ``every_min`` minutes have passed since its last write (0: every
+epoch), always at the last epoch, and on :func:`flush_pending` (the preemption
+signal, an interrupt or a failure), which writes the state of the last
+finished epoch that was not written yet (kept in memory as a copy).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
 import shutil
 import sys
+import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -162,3 +171,94 @@ def remove_checkpoint(run_dir: Path) -> None:
         for p in (run_dir / name, _sidecar(run_dir / name)):
             p.unlink(missing_ok=True)
             p.with_name(p.name + ".corrupt").unlink(missing_ok=True)
+
+
+def checkpoint_device(state: Dict[str, Any]) -> str:
+    """The device type (``cpu``, ``cuda``) a checkpoint was written on.
+
+    Checkpoints from before the ``device`` entry tell it by their CUDA RNG state.
+    """
+    if state.get("device"):
+        return str(state["device"])
+    rng = state.get("rng") or {}
+    return "cuda" if rng.get("cuda") is not None else "cpu"
+
+
+# ---------------------------------------------------------------------------
+# When to write
+
+_clock = time.monotonic  # the interval's clock (tests replace it)
+_ACTIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+class Checkpointer:
+    """Decides when a training run writes its checkpoint, and keeps what it did not write yet.
+
+    ``epoch_end(make_state, last)`` writes ``make_state()`` when ``last``, when ``every_min`` is
+    0, or when ``every_min`` minutes have passed since the previous write (or since the start);
+    otherwise it keeps an in-memory copy (on the training device), which :meth:`flush` writes. So a
+    resume always starts at the end of an epoch, exactly as if the run had not stopped, and a
+    preemption loses at most the epoch in progress. ``save`` is the write itself
+    (``save_checkpoint(run_dir, state)``). Used as a context manager, the checkpointer is
+    registered for :func:`flush_pending` while training.
+    """
+
+    def __init__(self, run_dir: Path, every_min: float, save: Callable[[Path, Dict[str, Any]], Any] = None):
+        self.run_dir = Path(run_dir)
+        self.every_s = max(0.0, float(every_min)) * 60.0
+        self._save = save or save_checkpoint
+        self.last_write = _clock()
+        self.pending: Optional[Dict[str, Any]] = None
+        self._writing: Optional[Dict[str, Any]] = None
+        self.writes = 0
+
+    def due(self) -> bool:
+        return self.every_s <= 0 or _clock() - self.last_write >= self.every_s
+
+    def epoch_end(self, make_state: Callable[[], Dict[str, Any]], last: bool = False) -> bool:
+        """Write the state now (True) or keep a copy of it for :meth:`flush` (False)."""
+        if last or self.due():
+            self.pending = None
+            self._write(make_state())
+            return True
+        self.pending = copy.deepcopy(make_state())
+        return False
+
+    def flush(self) -> bool:
+        """Write the kept state, if any (also one whose write was interrupted by the caller's signal)."""
+        state = self.pending if self.pending is not None else self._writing
+        if state is None:
+            return False
+        self._write(state)
+        return True
+
+    def _write(self, state: Dict[str, Any]) -> None:
+        self._writing = state
+        try:
+            self._save(self.run_dir, state)
+        finally:
+            self._writing = None
+        self.pending = None
+        self.last_write = _clock()
+        self.writes += 1
+
+    def __enter__(self) -> "Checkpointer":
+        _ACTIVE.add(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.discard(self)
+
+
+def flush_pending(log: Callable[[str], None] = _stderr) -> int:
+    """Write the kept state of every run training in this process (the preemption signal's handler
+    calls this); returns how many checkpoints were written."""
+    written = 0
+    for checkpointer in list(_ACTIVE):
+        try:
+            if checkpointer.flush():
+                written += 1
+                log(f"{checkpointer.run_dir}: checkpoint of the last finished epoch written")
+        except Exception as exc:  # a signal handler must not fail; the previous checkpoint stays
+            log(f"{checkpointer.run_dir}: could not write the pending checkpoint ({exc})")
+    return written

@@ -33,6 +33,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixbench", description="Benchmark mixup-family augmentations on timm CNNs."
@@ -78,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-mode", choices=["auto", "memory", "stream"],
                    help="image-file data sets: decode once into memory, or stream from disk (default: auto)")
     p.add_argument("--image-size", type=_positive_int, help="resize to this size (default: the data set's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on CUDA yes, on the CPU no)")
+    p.add_argument("--checkpoint-every-min", type=_non_negative_float, metavar="MIN",
+                   help="write the training checkpoint at the end of the first epoch MIN minutes after the "
+                        "previous one; 0: every epoch (default: 10; the last epoch and a preemption signal "
+                        "always checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--eval", help="evaluation suites to run after training: 'all' or a comma-separated list "
                    "(see `mixbench evaluate`)")
@@ -154,7 +169,8 @@ def _run_overrides(args: argparse.Namespace) -> dict:
     """Run options given on the command line (they override a benchmark spec)."""
     from mixbench.spec import parse_methods, parse_seeds
 
-    given = {k: v for k, v in vars(args).items() if v is not None and v is not False}  # `status` has fewer flags
+    # `status` has fewer flags; False is a value only for --no-compile (store_true flags default to False)
+    given = {k: v for k, v in vars(args).items() if v is not None and (v is not False or k == "compile")}
     data_dir = given.get("data_dir")
     if data_dir and not Path(data_dir).is_dir() and not given.get("download"):
         raise UsageError(f"--data-dir {data_dir!r} is not a folder (pass --download to create and fill it)")
@@ -174,6 +190,7 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 _RUN_OPTION_FLAGS = (
     "dataset", "device", "data_dir", "download", "compile", "model", "epochs", "batch_size", "lr", "weight_decay",
     "schedule", "train_subset", "data_mode", "image_size", "filter_usage_every", "loss", "stem",
+    "checkpoint_every_min",
 )
 
 

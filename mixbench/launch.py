@@ -1,6 +1,7 @@
 """Running a grid of RunSpecs: skip what is done, train the rest, collect the results."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import json
@@ -13,7 +14,7 @@ import sys
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mixbench import UsageError
 from mixbench.results import is_complete, read_result
@@ -133,12 +134,70 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path, *, progress: bool, desc: st
     return result
 
 
-def _parallel_worker(queue, device: str, out: str, progress: bool, n_workers: int = 1) -> None:
-    """Worker process of :func:`run_parallel`: train cells from ``queue`` on ``device`` until it is empty."""
-    if device == "cpu":  # workers share the cores
-        import torch
+def available_cpus(environ: Optional[Mapping[str, str]] = None) -> int:
+    """The cores this process may use: its CPU affinity, capped by ``$MIXBENCH_CPUS`` when set."""
+    env = os.environ if environ is None else environ
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        cap = int(env.get("MIXBENCH_CPUS") or 0)
+    except ValueError:
+        cap = 0
+    return max(1, min(cores, cap) if cap > 0 else cores)
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, n_workers)))
+
+def worker_environment(index: int, n_workers: int, gpu: bool = True, environ: Optional[Mapping[str, str]] = None,
+                       cpus: Optional[int] = None) -> Dict[str, str]:
+    """The environment of parallel worker ``index`` of ``n_workers`` (set before the child imports torch).
+
+    On GPUs the worker sees only its own device: ``CUDA_VISIBLE_DEVICES`` is entry ``index`` of the
+    parent's list (``index`` itself when the parent has none), so the worker trains on ``cuda:0`` and
+    nothing implicit lands on another run's GPU. Each worker gets an equal share of the cores:
+    ``MIXBENCH_CPUS`` (torch's threads, PuzzleMix's graph-cut workers), ``OMP_NUM_THREADS`` and, unless
+    set, ``MIXBENCH_WORKERS`` (streaming data loaders, at most 8).
+    """
+    env = dict(os.environ if environ is None else environ)
+    share = max(1, (available_cpus(env) if cpus is None else cpus) // max(1, n_workers))
+    if gpu:
+        visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if visible and index >= len(visible):
+            raise UsageError(f"GPU worker {index}: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} lists "
+                             f"only {len(visible)} device(s)")
+        env["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+    env["MIXBENCH_CPUS"] = str(share)
+    env["OMP_NUM_THREADS"] = str(share)
+    if not env.get("MIXBENCH_WORKERS"):
+        env["MIXBENCH_WORKERS"] = str(min(8, share))
+    return env
+
+
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` is ``env`` inside (what a process spawned there inherits), restored after."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _parallel_worker(queue, device: str, out: str, progress: bool, where: str = "") -> None:
+    """Worker process of :func:`run_parallel`: train cells from ``queue`` on ``device`` until it is empty.
+
+    Its environment (:func:`worker_environment`) was set before it started: one visible GPU
+    (``device`` is then ``cuda:0``) and its share of the cores.
+    """
+    import torch
+
+    torch.set_num_threads(available_cpus())
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    where = where or device
     while True:
         item = queue.get()
         if item is None:
@@ -147,14 +206,14 @@ def _parallel_worker(queue, device: str, out: str, progress: bool, n_workers: in
         spec = dataclasses.replace(RunSpec.from_dict(spec_dict), device=device)
         run_dir = spec.run_dir(Path(out))
         run_dir.mkdir(parents=True, exist_ok=True)
-        info = _local_launch_info(spec, device)
+        info = {**_local_launch_info(spec, device), "where": where}
         _record_launch(run_dir, info)
         try:
-            train_and_evaluate(spec, run_dir, progress=progress, desc=f"{label} [{device}]")
+            train_and_evaluate(spec, run_dir, progress=progress, desc=f"{label} [{where}]")
         except Exception as exc:  # one failed cell must not stop the other cells
             _record_launch(run_dir, {**info, "error": f"{type(exc).__name__}: {exc}", "failed_at": _now()})
             traceback.print_exc()
-            print(f"mixbench: {label} failed on {device}: {exc}", file=sys.stderr)
+            print(f"mixbench: {label} failed on {where}: {exc}", file=sys.stderr)
 
 
 def run_parallel(specs: Sequence[RunSpec], out: Path, devices: Sequence[str], *,
@@ -178,19 +237,32 @@ def run_parallel(specs: Sequence[RunSpec], out: Path, devices: Sequence[str], *,
         for item in todo:
             queue.put(item)
         chosen = list(devices)[:len(todo)]
-        workers = [ctx.Process(target=_parallel_worker, args=(queue, d, str(out), progress, len(chosen)))
-                   for d in chosen]
+        workers = []
+        for d in chosen:
+            gpu = d.startswith("cuda")
+            index = torch_device_index(d) if gpu else len(workers)
+            env = worker_environment(index, len(chosen), gpu=gpu)
+            where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpu else f"cpu worker {index}"
+            workers.append((ctx.Process(target=_parallel_worker,
+                                        args=(queue, "cuda:0" if gpu else "cpu", str(out), progress, where)), env))
         for _ in workers:
             queue.put(None)
-        for w in workers:
-            w.start()
-        for w in workers:
+        for w, env in workers:
+            with _environment(env):  # a spawned process inherits it: pinned before it imports torch
+                w.start()
+        for w, _ in workers:
             w.join()
     results = [read_result(s.run_dir(out)) for s in specs]
     failed = [s for s, r in zip(specs, results) if not r or r.get("status") != "complete"]
     if failed:
         print(f"mixbench: {len(failed)} run(s) did not complete; see `mixbench status {out}`", file=sys.stderr)
     return [r for r in results if r]
+
+
+def torch_device_index(name: str) -> int:
+    """The index of ``cuda:N`` (0 for plain ``cuda``)."""
+    _, _, index = name.partition(":")
+    return int(index) if index else 0
 
 
 def local_devices(specs: Sequence[RunSpec]) -> List[str]:
@@ -329,6 +401,9 @@ class RunTask:
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
 
+        from mixbench.checkpoint import flush_pending
+
+        flush_pending()  # the last finished epoch, if the interval had not written it yet
         print(f"mixbench: signal received, requeueing; {self.run_dir} resumes from its last epoch checkpoint",
               file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(RunTask(self.spec, self.run_dir))

@@ -22,7 +22,7 @@ from mixbench.methods import get_method, list_methods
 from mixbench.models import STEMS
 
 # Options that change where and how fast a run goes, not its numbers.
-_NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval", "filter_usage_every")
+_NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval", "filter_usage_every", "checkpoint_every_min")
 _DATA_DEFAULTS = {"train_subset": None, "data_mode": "auto", "image_size": None}
 
 
@@ -49,7 +49,7 @@ class RunSpec:
     loss: Optional[str] = None  # None: the data set's (bce on CIFAR/Tiny-ImageNet, else ce); mixbench.losses
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA (ignored on CPU)
-    compile: bool = False
+    compile: Optional[bool] = None  # torch.compile the model; None: on CUDA yes, on the CPU no
     device: str = "auto"
     data_dir: Optional[str] = None
     download: bool = False
@@ -58,6 +58,9 @@ class RunSpec:
     image_size: Optional[int] = None  # None: the data set's declared size
     eval: List[str] = field(default_factory=list)  # evaluation suites to run after training
     filter_usage_every: int = 0  # per-stage filter usage into metrics.jsonl every N epochs (0: off)
+    # A checkpoint at the end of the first epoch this many minutes after the previous one (0: every epoch);
+    # the last epoch and a preemption signal always write one. Resume stays exact (epoch boundaries).
+    checkpoint_every_min: float = 10.0
 
     # -- construction ---------------------------------------------------
     @classmethod
@@ -105,6 +108,11 @@ class RunSpec:
             raise UsageError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs!r}")
         if not isinstance(self.filter_usage_every, int) or self.filter_usage_every < 0:
             raise UsageError(f"filter_usage_every must be an integer >= 0 (0: off), got {self.filter_usage_every!r}")
+        every = self.checkpoint_every_min
+        if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+            raise UsageError(f"checkpoint_every_min must be a number of minutes >= 0 (0: every epoch), got {every!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise UsageError(f"compile must be true, false or unset (unset: on CUDA only), got {self.compile!r}")
         check_data_options(self.train_subset, self.data_mode, self.image_size)
 
     # -- identity -------------------------------------------------------

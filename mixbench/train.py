@@ -4,24 +4,36 @@
 model, the method's ``MixOutput(logits, target, extra_loss)`` for each batch,
 the run's loss (``spec.loss``: soft-target cross-entropy or the PuzzleMix code's
 softmax binary cross-entropy, :mod:`mixbench.losses`), SGD with a per-step LR schedule, an evaluation after each epoch,
-a checkpoint after each epoch, and an atomic result.json at the end. Nothing
+a checkpoint every ``checkpoint_every_min`` minutes, and an atomic result.json at the end. Nothing
 here knows which method it runs.
 
+On CUDA the defaults are the fast path: bf16 autocast, channels_last, the model
+compiled with ``torch.compile`` (hidden-point mixing inside the compiled graphs,
+see :mod:`mixbench.hooks`) and fused SGD. On the CPU the model stays eager
+unless ``compile`` is set.
+
 Crash safety: the run directory is locked while it trains (``mixbench.lock``);
-each epoch ends with a checkpoint of everything that decides the rest of the
-run (model, optimizer, LR scheduler, epoch, best-so-far, the python, numpy,
-torch CPU and CUDA RNG states, the loader's generator, the method's state), so
-that a rerun after a kill continues exactly where the last complete epoch
-ended. bf16 autocast needs no GradScaler (bf16 has float32's exponent range),
-so there is no scaler state to keep. A non-finite loss stops the run with a
-``status: "failed"`` result.json.
+a checkpoint holds everything that decides the rest of the run (model,
+optimizer, LR scheduler, epoch, best-so-far, the python, numpy, torch CPU RNG
+states and the CUDA RNG state of the run's own device, the loader's generator,
+the method's state, the device type), always at the end of an epoch, so that a
+rerun after a kill continues exactly where the last checkpointed epoch ended.
+Checkpoints are written every ``checkpoint_every_min`` minutes, at the last
+epoch, and on a preemption signal, an interrupt or a failure (the last
+finished epoch, kept in memory; :class:`mixbench.checkpoint.Checkpointer`). A
+checkpoint written on another device type (CPU vs CUDA) is refused with a
+usage error. bf16 autocast needs no GradScaler (bf16 has float32's exponent
+range), so there is no scaler state to keep. A non-finite loss stops the run
+with a ``status: "failed"`` result.json.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import math
+import os
 import random
 import resource
 import statistics
@@ -38,7 +50,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mixbench import UsageError
-from mixbench.checkpoint import load_checkpoint, remove_checkpoint, remove_partial_writes, save_checkpoint
+from mixbench.checkpoint import (
+    Checkpointer, checkpoint_device, load_checkpoint, remove_checkpoint, remove_partial_writes, save_checkpoint,
+)
 from mixbench.data import Dataset, DeviceLoader, load_dataset, make_loaders
 from mixbench.evaluate import filter_usage_during_training
 from mixbench.losses import Loss, get_loss
@@ -59,12 +73,57 @@ from mixbench.results import (
 from mixbench.spec import RunSpec
 
 
-def resolve_device(name: str) -> torch.device:
+def gpus_requested(environ=None) -> Optional[str]:
+    """The environment variable (``NAME=value``) that says GPUs were asked for, or None.
+
+    GPUs are asked for when ``CUDA_VISIBLE_DEVICES`` lists devices, or Slurm allocated GPUs
+    (``SLURM_GPUS*``, ``SLURM_JOB_GPUS``, ``SLURM_STEP_GPUS``).
+    """
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("-1", "NoDevFiles") and not visible.startswith("-"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    for name in sorted(env):
+        value = env[name].strip()
+        if name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):  # GPU indices: any is a GPU
+            if value and value.lower() not in ("none", "(null)"):
+                return f"{name}={value}"
+        elif name.startswith("SLURM_GPUS"):  # counts, possibly typed (a100:2): 0 is none
+            if value and value.lower() not in ("0", "none", "(null)") and not value.endswith(":0"):
+                return f"{name}={value}"
+    return None
+
+
+_WARNED_CPU_FALLBACK = False
+
+
+def resolve_device(name: str, *, warn: bool = False) -> torch.device:
+    """The torch device of ``--device`` (``auto``: CUDA when available, else the CPU).
+
+    With ``warn``, ``auto`` falling back to the CPU on a machine that was asked for GPUs prints a
+    loud warning (once per process): the run would otherwise go on, 50 times slower, unnoticed.
+    """
+    global _WARNED_CPU_FALLBACK
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        asked = gpus_requested()
+        if warn and asked and not _WARNED_CPU_FALLBACK:
+            _WARNED_CPU_FALLBACK = True
+            bar = "!" * 78
+            print(f"{bar}\nmixbench: WARNING: --device auto found no usable CUDA device although {asked}; "
+                  "training on the CPU.\nmixbench: check the driver and that this torch build has CUDA "
+                  f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}); pass --device cuda "
+                  "to fail instead, or --device cpu to silence this.\n"
+                  "mixbench: a run started here cannot be resumed on a GPU (and the reverse).\n"
+                  f"{bar}", file=sys.stderr, flush=True)
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine; choose from: auto, cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine sees {torch.cuda.device_count()} CUDA device(s) "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     return device
 
 
@@ -74,26 +133,66 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def rng_state(cuda: bool) -> Dict[str, Any]:
-    """The global RNG states (python, numpy, torch CPU and CUDA), in a form weights_only loading accepts."""
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """The global RNG states (python, numpy, torch CPU and, on CUDA, the run's own device's), in a form
+    weights_only loading accepts. Only the run's device: a checkpoint does not depend on how many
+    GPUs the machine shows."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def set_rng_state(state: Dict[str, Any], cuda: bool) -> None:
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if cuda and state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = state.get("cuda")
+    if device.type == "cuda" and cuda_state is not None:
+        if isinstance(cuda_state, (list, tuple)):  # older checkpoints: every visible device's state
+            cuda_state = cuda_state[min(device.index or 0, len(cuda_state) - 1)]
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+def compile_model(model: torch.nn.Module, backend: Optional[str] = None):
+    """``torch.compile(model)`` with hidden-stage mixing inside the graphs.
+
+    The mixing hooks go in first (:func:`mixbench.hooks.install_mixing_hooks`; skipped for a model
+    without ``feature_info``); shapes are static (the last, smaller test batch gets its own graph)
+    and the recompile limit leaves room for the fixed set of graphs of a run: train and eval, each
+    mixing point, the saliency pass of saliency-based methods.
+    """
+    from torch import _dynamo
+
+    from mixbench.hooks import install_mixing_hooks
+
+    try:
+        install_mixing_hooks(model)
+    except UsageError:
+        pass
+    cfg = _dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), COMPILE_GRAPH_LIMIT))
+    return torch.compile(model, dynamic=False, **({"backend": backend} if backend else {}))
+
+
+COMPILE_GRAPH_LIMIT = 64
+
+
+def make_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device) -> torch.optim.Optimizer:
+    """SGD with the run's options; fused into one kernel per step on CUDA where torch has it."""
+    extra = {}
+    if device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters:
+        extra["fused"] = True
+    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                           weight_decay=spec.weight_decay, **extra)
 
 
 # A diverged run is noticed within this many optimiser steps: the per-step losses stay on the
@@ -279,9 +378,16 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
 
 def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str]) -> Dict[str, Any]:
     """The training itself; ``spec`` is resolved and the caller holds the run's lock."""
-    device = resolve_device(spec.device)
-    seed_everything(spec.seed)
+    device = resolve_device(spec.device, warn=True)
     cuda = device.type == "cuda"
+    if cuda and device.index is not None:
+        torch.cuda.set_device(device)  # implicit work (streams, compiled kernels) on the run's own GPU
+    compiled = spec.compile if spec.compile is not None else cuda
+    if compiled:
+        from torch import _dynamo
+
+        _dynamo.reset()  # graphs of an earlier run of this process are of another model
+    seed_everything(spec.seed)
     channels_last = cuda and spec.channels_last
     # In-memory sets give DeviceLoaders, streamed image files StreamLoaders: the same interface.
     train_loader, test_loader = make_loaders(spec, device, channels_last=channels_last)
@@ -293,17 +399,14 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     ).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if spec.compile else model
+    forward = compile_model(model) if compiled else model
 
     method = create_method(spec.method, **spec.method_params)
     method.setup(seed=spec.seed, num_classes=info.num_classes, mean=info.mean, std=info.std)
     criterion = get_loss(spec.loss)
     extra_weight = criterion.extra_weight(info.num_classes)
     steps = len(train_loader)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
-        weight_decay=spec.weight_decay,
-    )
+    optimizer = make_optimizer(model, spec, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, spec, steps))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and spec.amp else contextlib.nullcontext
 
@@ -312,12 +415,19 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     metrics_path = run_dir / "metrics.jsonl"
     state = load_checkpoint(run_dir)  # the newest good one; reports and skips corrupt files
     if state is not None:
+        saved_on = checkpoint_device(state)
+        if saved_on != device.type:
+            raise UsageError(
+                f"{run_dir}: its checkpoint (epoch {state['epoch']}) was written on {saved_on} and this run is "
+                f"on {device.type}; resume it on {saved_on} (--device {saved_on}), or delete "
+                f"{run_dir / 'checkpoint*.pt'} to restart it from epoch 0 on {device.type}"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
         train_loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"], cuda)
+        set_rng_state(state["rng"], device)
         start_epoch, best_top1, best_epoch, elapsed = (
             state["epoch"], state["best_top1"], state["best_epoch"], state["elapsed"]
         )
@@ -337,7 +447,11 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
         disable=not progress, leave=True, dynamic_ncols=True, file=sys.stderr,
         mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
+    # Written every checkpoint_every_min minutes and at the last epoch; a preemption signal, an interrupt
+    # or a failure writes the last finished epoch kept in memory (save_checkpoint looked up at call time).
+    checkpointer = Checkpointer(run_dir, spec.checkpoint_every_min, save=lambda d, s: save_checkpoint(d, s))
     try:
+        checkpointer.__enter__()
         for epoch in range(start_epoch, spec.epochs):
             model.train()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -380,17 +494,32 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
                 best_top1, best_epoch = record["test_top1"], epoch
             append_jsonl(metrics_path, record)
             history.append(record)
-            save_checkpoint(run_dir, {
+            checkpointer.epoch_end(lambda: {
                 "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch, "elapsed": elapsed,
+                "device": device.type,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "method": method.state_dict(),
                 "loader": train_loader.state_dict(),
-                "rng": rng_state(cuda),
-            })
+                "rng": rng_state(device),
+            }, last=epoch + 1 == spec.epochs)
             bar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{record['test_top1']:.2f}", refresh=False)
+    except OSError:
+        raise  # the disk or the file system: writing more would fail the same way
+    except BaseException:
+        try:
+            checkpointer.flush()  # the last finished epoch, so that a rerun loses only the one in progress
+        except Exception as exc:  # keep the original error; the previous checkpoint stays
+            print(f"mixbench: {run_dir}: could not write the last finished epoch's checkpoint ({exc})",
+                  file=sys.stderr)
+        raise
     finally:
+        checkpointer.__exit__(None, None, None)
         bar.close()
         method.close()
+        if compiled:
+            from torch import _dynamo
+
+            _dynamo.reset()  # free this run's graphs before the next run of the process
 
     final = history[-1]
     last10 = [m["test_top1"] for m in history[-10:]]
@@ -423,6 +552,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
         "epoch_cpu_time_s": statistics.median(cpu_times) if cpu_times else None,
         "cpu_time_s": sum(cpu_times) if cpu_times else None,
         "num_threads": torch.get_num_threads(),
+        "compiled": bool(compiled),
         "train_images_per_s": statistics.median(m["train_images_per_s"] for m in history),
         "peak_mem_mb": peak_memory_mb(device),
         **environment_info(device),

@@ -153,8 +153,9 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_good_checkpoint(tmp_path, monkey
 # training: in-process crash between the metrics and checkpoint writes
 # ---------------------------------------------------------------------------
 def small_spec(**kw):
+    # A checkpoint after every epoch (checkpoint_every_min 0); tests/test_checkpoint_interval.py covers the interval.
     options = dict(method="mixup", dataset="synthetic", seed=3, epochs=3, batch_size=32, train_subset=192,
-                   device="cpu")
+                   device="cpu", checkpoint_every_min=0)
     return RunSpec.from_dict({**options, **kw}).resolved()
 
 
@@ -168,7 +169,8 @@ def test_checkpoint_captures_every_state(tmp_path, monkeypatch):
     s = captured[-1]
     assert s["epoch"] == 1 and s["best_epoch"] == 0 and s["best_top1"] >= 0
     assert {"model", "optimizer", "scheduler", "method", "loader", "rng"} <= set(s)
-    assert set(s["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert set(s["rng"]) == {"python", "numpy", "torch", "cuda"} and s["rng"]["cuda"] is None
+    assert s["device"] == "cpu"
     assert s["optimizer"]["state"] and "momentum_buffer" in s["optimizer"]["state"][0]
     assert s["scheduler"]["last_epoch"] == 6  # 192 images / batch 32: 6 optimiser steps
     assert "rng" in s["method"] and "generator" in s["loader"]
@@ -223,7 +225,7 @@ def test_crash_between_metrics_and_checkpoint_then_truncated_checkpoint(tmp_path
 def launch(out, cwd):
     cmd = [sys.executable, "-m", "mixbench", "run", "--methods", "mixup", "--dataset", "synthetic",
            "--train-subset", "192", "--batch-size", "16", "--epochs", "3", "--seeds", "1", "--device", "cpu",
-           "--no-progress", "--out", str(out)]
+           "--checkpoint-every-min", "0", "--no-progress", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
