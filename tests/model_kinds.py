@@ -1,4 +1,4 @@
-"""The four timm CNN kinds that hidden-stage mixing is tested on, in small variants.
+"""The timm CNN kinds that hidden-stage mixing is tested on, in small variants.
 
 16x16 inputs get the CIFAR stem; each variant keeps its kind's block structure.
 """
@@ -13,6 +13,9 @@ MODELS = {
     # timm's wide ResNet: Bottleneck blocks with base_width 128 (twice the ResNet-50 width), one block per stage.
     "wide": ("wide_resnet50_2", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)),
     "regnet": ("regnetx_002", {}),
+    # timm's small test EfficientNet (the EfficientNet class: depthwise-separable and inverted-residual MBConv
+    # blocks with squeeze-excitation, 0.1 M parameters); efficientnet_b0's width and depth cannot be set by kwargs.
+    "efficientnet": ("test_efficientnet", {}),
 }
 KINDS = list(MODELS)
 

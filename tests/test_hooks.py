@@ -15,6 +15,7 @@ EXPECTED_STAGES = {
     "preact": ["stem.conv", "stages.0", "stages.1", "stages.2", "stages.3"],
     "wide": ["act1", "layer1", "layer2", "layer3", "layer4"],
     "regnet": ["stem", "s1", "s2", "s3", "s4"],
+    "efficientnet": ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"],  # no stem entry in feature_info
 }
 
 
@@ -31,6 +32,9 @@ def manual_segments(kind, m):
     if kind == "preact":
         segs = [m.stem.conv, lambda h: m.stages[0](m.stem.pool(h)), m.stages[1], m.stages[2], m.stages[3]]
         return segs, lambda h: m.forward_head(m.norm(h))
+    if kind == "efficientnet":
+        segs = [lambda x: m.blocks[0](m.bn1(m.conv_stem(x))), m.blocks[1], m.blocks[2], m.blocks[3], m.blocks[4]]
+        return segs, lambda h: m.forward_head(m.bn2(m.conv_head(h)))
     segs = [m.stem, m.s1, m.s2, m.s3, m.s4]
     return segs, lambda h: m.forward_head(m.final_conv(h))
 

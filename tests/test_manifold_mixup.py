@@ -90,7 +90,8 @@ def test_default_points_are_input_and_after_the_first_two_stages(kind, monkeypat
         torch.testing.assert_close(target.sum(1), torch.ones(6))
     logits.sum().backward()
     first, second = {"resnet18": ("layer1", "layer2"), "wide": ("layer1", "layer2"),
-                     "preact": ("stages.0", "stages.1"), "regnet": ("s1", "s2")}[kind]
+                     "preact": ("stages.0", "stages.1"), "regnet": ("s1", "s2"),
+                     "efficientnet": ("blocks.1", "blocks.2")}[kind]
     assert set(where) == {"input", first, second}
 
 
