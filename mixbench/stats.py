@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -247,10 +248,14 @@ def rank_methods(runs: pd.DataFrame, rows: Sequence[str]) -> Tuple[Optional[Rank
     from scipy import stats
 
     means = runs.dropna(subset=["top1"]).groupby(["column", "row"])["top1"].mean().unstack("row")
-    columns = sorted(means.index)
+    columns = sorted(means.index, key=lambda c: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", c)])
     if len(columns) < 2:
         return None, "they need 2 or more columns; this report has 1"
-    complete = [r for r in rows if r in means.columns and means[r].notna().all()]
+    present = [r for r in rows if r in means.columns]
+    full = [c for c in columns if means.loc[c, present].notna().all()]
+    if 2 <= len(full) < len(columns):  # rank every method over the columns that have them all
+        columns = full
+    complete = [r for r in rows if r in means.columns and means.loc[columns, r].notna().all()]
     left_out = [r for r in rows if r in means.columns and r not in complete]
     if len(complete) < 2:
         return None, (f"they need 2 or more methods present in every column; {len(complete)} "
