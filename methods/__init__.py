@@ -35,6 +35,7 @@ from . import cutmix  # noqa: F401,E402
 from . import manifold_mixup  # noqa: F401,E402
 from . import puzzlemix  # noqa: F401,E402
 from . import catchup_mix  # noqa: F401,E402
+from . import saliencymix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",
