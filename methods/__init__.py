@@ -36,6 +36,7 @@ from . import manifold_mixup  # noqa: F401,E402
 from . import puzzlemix  # noqa: F401,E402
 from . import catchup_mix  # noqa: F401,E402
 from . import saliencymix  # noqa: F401,E402
+from . import fmix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",
