@@ -38,6 +38,7 @@ from . import catchup_mix  # noqa: F401,E402
 from . import saliencymix  # noqa: F401,E402
 from . import fmix  # noqa: F401,E402
 from . import resizemix  # noqa: F401,E402
+from . import gridmix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",
