@@ -1,0 +1,205 @@
+"""Every method trained under torch.compile with the real mixing hooks equals eager training, and once each
+mixing point has its graph no step compiles again (hidden-point mixing stays inside the compiled graphs).
+
+Compiling is slow on a small CPU, so these tests are marked slow. The main test uses dynamo with AOT
+autograd and eager kernels (``aot_eager``): the same tracing, guards, graph breaks and recompiles as
+inductor; one test runs inductor itself.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixbench.hooks as hooks
+from mixbench.hooks import install_mixing_hooks, mixing_state, resolve_points
+from mixbench.losses import get_loss
+from mixbench.methods import create_method, get_method, list_methods
+from mixbench.models import create_model
+from mixbench.train import compile_model, step_loss
+
+pytestmark = pytest.mark.slow
+
+CLASSES, BATCH, SIDE = 5, 8, 16
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return create_model("resnetv2_18", num_classes=CLASSES, image_size=SIDE, layers=(1, 1, 1, 1),
+                        channels=(8, 16, 16, 16), stem_chs=8)
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 3, SIDE, SIDE, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g))
+            for _ in range(n)]
+
+
+def params_of(name):
+    return {"workers": 0} if name == "puzzlemix" else {}
+
+
+class Trainer:
+    """One model, one method, SGD: the harness's step (``step_loss``, the same order of calls)."""
+
+    def __init__(self, name, forward, model):
+        self.forward, self.model = forward, model
+        self.method = create_method(name, **params_of(name))
+        self.method.setup(seed=3, num_classes=CLASSES, mean=MEAN, std=STD)
+        self.criterion = get_loss("ce")
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                                         weight_decay=5e-4)
+
+    def step(self, x, y):
+        self.model.train()
+        loss = step_loss(self.method, self.forward, x, F.one_hot(y, CLASSES).float(), self.criterion,
+                         self.criterion.extra_weight(CLASSES))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def counting_backend(name, log):
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner = lookup_backend(name)
+
+    def backend(gm, example_inputs):
+        log.append(len(gm.graph.nodes))
+        return inner(gm, example_inputs)
+
+    return backend
+
+
+def method_points(name, model):
+    """The graphs a method's steps need: -1 for a plain forward (input-level mixing), k for hidden point k."""
+    mix_points = create_method(name, **params_of(name)).params().get("mix_points")
+    if mix_points is None:
+        return {-1}
+    return {-1 if k == 0 else k for k in resolve_points(model, mix_points)}
+
+
+def compare(name, backend, monkeypatch, max_steps=40, equal_steps=3):
+    torch._dynamo.reset()
+    compiles, armed_points = [], []
+    real_armed = hooks.armed
+
+    def recording_armed(state, k, fn):
+        armed_points.append(k)
+        return real_armed(state, k, fn)
+
+    monkeypatch.setattr(hooks, "armed", recording_armed)
+    eager_model, compiled_model = tiny_model(), tiny_model()
+    forward = compile_model(compiled_model, backend=counting_backend(backend, compiles))
+    assert mixing_state(forward) is not None
+    eager, compiled = Trainer(name, eager_model, eager_model), Trainer(name, forward, compiled_model)
+    wanted = method_points(name, compiled_model)
+    seen, per_step = set(), []
+    data = batches(max_steps)
+    for i, (x, y) in enumerate(data):
+        loss_e = eager.step(x, y)
+        before, armed_points[:] = len(compiles), []
+        loss_c = compiled.step(x, y)
+        point = armed_points[0] if armed_points else -1
+        new = len(compiles) - before
+        per_step.append((point, new))
+        if point in seen:
+            assert new == 0, f"{name}: step {i} at point {point} compiled again ({per_step})"
+        seen.add(point)
+        if i < equal_steps:
+            torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-4)
+        if i + 1 == equal_steps:
+            for (n, pe), pc in zip(eager_model.named_parameters(), compiled_model.parameters()):
+                torch.testing.assert_close(pc, pe, rtol=1e-4, atol=1e-4, msg=f"{name}: {n} after {i + 1} steps")
+        if i + 1 >= equal_steps and wanted <= seen and len(per_step) > len(seen):
+            break  # every point has its graph, and at least one step reused one
+    assert wanted <= seen, f"{name}: points {wanted - seen} never drawn in {len(per_step)} steps"
+    # A fixed set of graphs: one per mixing point (plus the saliency pass of saliency-based methods).
+    assert len(compiles) <= len(seen) + 1, (name, per_step)
+    eager.method.close()
+    compiled.method.close()
+    return per_step, compiles
+
+
+@pytest.mark.parametrize("name", [m for m in list_methods() if get_method(m).available()])
+def test_every_method_compiled_equals_eager_without_recompiles(name, monkeypatch):
+    per_step, compiles = compare(name, "aot_eager", monkeypatch)
+    if name in ("manifold_mixup", "catchup_mix"):
+        assert any(p > 0 for p, _ in per_step), "hidden points were mixed"
+
+
+def test_inductor_mixes_hidden_points_inside_the_graph(monkeypatch):
+    """The GPU path's compiler (on the CPU): hidden-point Manifold Mixup through the opaque mixing
+    operator, no graph break, no recompile per step."""
+    import torch._dynamo.utils as dynamo_utils
+
+    dynamo_utils.counters.clear()
+    per_step, compiles = compare("manifold_mixup", "inductor", monkeypatch, max_steps=12)
+    assert any(p > 0 for p, _ in per_step)
+    assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
+
+
+def test_compiled_forward_mixed_equals_a_manual_forward():
+    """forward_mixed on a compiled model with installed hooks calls the compiled model, mixing at point k."""
+    torch._dynamo.reset()
+    model = tiny_model().eval()
+    install_mixing_hooks(model)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    x = torch.randn(4, 3, SIDE, SIDE)
+    plain = model(x)
+    for k in (1, 2, 4):
+        with torch.no_grad():
+            got = hooks.forward_mixed(compiled, x, k, lambda h: h.flip(0) * 1.5)
+            with hooks.replace_stage_output(model, k, lambda h: h.flip(0) * 1.5):
+                want = model(x)
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, plain)
+    with pytest.raises(RuntimeError, match="did not run"):
+        with hooks.armed(mixing_state(model), 2, lambda h: h):
+            pass
+
+
+def test_train_run_compiled_matches_eager_and_resumes(tmp_path, monkeypatch):
+    """The harness with compile on (dynamo + AOT autograd here, inductor on CUDA): the same training as
+    eager to 1e-4, hidden-point mixing included, and an exact resume of a compiled run."""
+    import json
+
+    import mixbench.train as train
+    from mixbench.spec import RunSpec
+    from mixbench.train import train_run
+
+    monkeypatch.setenv("MIXBENCH_COMPILE_BACKEND", "aot_eager")
+
+    def spec(**kw):
+        options = dict(method="manifold_mixup", dataset="synthetic", seed=2, epochs=2, batch_size=64,
+                       train_subset=128, device="cpu", checkpoint_every_min=0, method_params={"mix_points": [2, 3]})
+        return RunSpec.from_dict({**options, **kw}).resolved()
+
+    eager = train_run(spec(), tmp_path / "eager", progress=False)
+    compiled = train_run(spec(compile=True), tmp_path / "compiled", progress=False)
+    assert compiled["compiled"] is True and eager["compiled"] is False
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("eager", "compiled")]
+    for a, b in zip(*rows):
+        for key in ("train_loss", "test_loss"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    we, wc = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("eager", "compiled"))
+    for k in we:
+        torch.testing.assert_close(wc[k], we[k], rtol=1e-4, atol=1e-4)
+
+    class Stop(BaseException):
+        pass
+
+    real = train.save_checkpoint
+
+    def save_then_stop(run_dir, state):
+        real(run_dir, state)
+        raise Stop()
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        train_run(spec(compile=True), tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    train_run(spec(compile=True), tmp_path / "resumed", progress=False)
+    wr = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    assert all(torch.equal(wr[k], wc[k]) for k in wc)
