@@ -799,6 +799,18 @@ def check_data_options(train_subset: Optional[int], data_mode: str, image_size: 
         raise UsageError(f"image_size must be a positive int or null, got {image_size!r}")
 
 
+_DATA_CACHE: Dict[Tuple[str, str, bool], Dataset] = {}
+
+
+def get_data(spec: Any) -> Dataset:
+    """Load a run's data set (``spec.dataset``, ``.data_dir``, ``.download``) once per process:
+    a grid trains many runs on the same data, and evaluation reads it again."""
+    key = (spec.dataset, str(spec.data_dir), spec.download)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_dataset(spec.dataset, spec.data_dir, spec.download)
+    return _DATA_CACHE[key]
+
+
 def make_loaders(spec: Any, device: torch.device, *, channels_last: bool = False,
                  num_workers: Optional[int] = None) -> Tuple[Any, Any]:
     """The training and test loaders of a run spec.

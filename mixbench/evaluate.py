@@ -756,7 +756,7 @@ def load_run(run_dir: Path, device: torch.device):
     """(resolved RunSpec, PixelModel in eval mode on ``device``, Dataset) of a finished run."""
     from mixbench.models import create_model
     from mixbench.spec import RunSpec
-    from mixbench.train import get_data
+    from mixbench.data import get_data
 
     run_dir = Path(run_dir)
     result = read_result(run_dir)
@@ -788,7 +788,7 @@ def evaluate_run(
 ) -> Dict[str, Any]:
     """Run ``suites`` on a finished run and merge them into its result.json (atomically); return it."""
     from mixbench.data import default_data_dir
-    from mixbench.train import resolve_device
+    from mixbench.devices import resolve_device
 
     run_dir = Path(run_dir)
     options = options or {}

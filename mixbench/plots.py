@@ -39,6 +39,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from mixbench.frame import (  # noqa: E402
+    METRICS,
+    TIME_FIELDS,
+    _eval_better,
+    _stages,
+    aggregate,
+    filter_usage_means,
+    row_order,
+    time_basis,
+    top1_runs,
+)
 from mixbench.results import read_jsonl  # noqa: E402
 
 EXTS = ("png", "pdf")
@@ -171,7 +182,6 @@ def plot_top1(agg: pd.DataFrame, out: Path, rows, colors, metric: str, metric_wo
 
 def plot_time(agg: pd.DataFrame, out: Path, rows, colors, basis: Optional[Dict[str, str]] = None) -> List[Path]:
     """Epoch time relative to vanilla per column: CPU time where ``basis`` says ``cpu``, wall time otherwise."""
-    from mixbench.report import TIME_FIELDS
 
     basis = basis or {}
     groups = sorted(agg["column"].unique())
@@ -205,7 +215,6 @@ def plot_time(agg: pd.DataFrame, out: Path, rows, colors, basis: Optional[Dict[s
 
 def plot_eval(agg: pd.DataFrame, out: Path, rows, colors, eval_keys: Sequence[str]) -> List[Path]:
     """One panel per (dataset/model, robustness metric): each metric keeps its own scale."""
-    from mixbench.report import _eval_better
 
     ev = agg[agg["quantity"].isin([f"eval.{k}" for k in eval_keys])]
     if ev.empty:
@@ -250,25 +259,6 @@ def _run_eval(run_dir) -> Dict[str, Any]:
     except (OSError, ValueError, AttributeError):
         return {}
     return ev if isinstance(ev, dict) else {}
-
-
-def _stages(fu: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """The per-stage entries of a filter_usage record (``features``, the head's input, last)."""
-    st = {k: v for k, v in fu.items() if isinstance(v, dict) and v.get("channels")}
-    return {k: st[k] for k in sorted(st, key=lambda k: k == "features")}
-
-
-def filter_usage_means(fu: Dict[str, Any]) -> Tuple[float, float]:
-    """(mean Gini, mean effective-channel fraction) over the stages of a filter_usage record, ``features``
-    excluded as in ``mixbench.evaluate.filter_usage_summary``; the record's own numbers when it has them."""
-    stages = [v for k, v in _stages(fu).items() if k != "features"]
-    g = fu.get("mean_gini")
-    e = fu.get("mean_effective_fraction")
-    if g is None:
-        g = float(np.mean([v["gini"] for v in stages])) if stages else float("nan")
-    if e is None:
-        e = float(np.mean([v["effective_channels"] / v["channels"] for v in stages])) if stages else float("nan")
-    return float(g), float(e)
 
 
 def feature_removal_frame(runs: pd.DataFrame) -> pd.DataFrame:
@@ -517,7 +507,6 @@ def write_plots(
     ``table`` (``mixbench.report.build_table``'s) supplies the ranks and the time basis; without it they are
     computed here.
     """
-    from mixbench.report import METRICS, aggregate, row_order, time_basis, top1_runs
     from mixbench.stats import rank_methods
 
     rows = list(rows) if rows is not None else row_order(runs)

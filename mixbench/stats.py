@@ -316,7 +316,7 @@ def budget_groups(runs: pd.DataFrame) -> pd.Series:
         sel = base == name
         values = protos[sel].unique()
         if len(values) > 1:
-            from mixbench.report import _differing, _suffix
+            from mixbench.frame import _differing, _suffix
 
             dicts = {v: json.loads(v) for v in values}
             keys = _differing(list(dicts.values()))

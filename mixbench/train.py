@@ -42,7 +42,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ from mixbench import UsageError
 from mixbench.checkpoint import (
     Checkpointer, checkpoint_device, load_checkpoint, remove_checkpoint, remove_partial_writes, save_checkpoint,
 )
-from mixbench.data import Dataset, DeviceLoader, load_dataset, make_loaders
+from mixbench.data import DeviceLoader, make_loaders
+from mixbench.devices import resolve_device
 from mixbench.evaluate import filter_usage_during_training
 from mixbench.losses import Loss, get_loss
 from mixbench.methods import create_method
@@ -71,60 +72,6 @@ from mixbench.results import (
     read_result,
 )
 from mixbench.spec import RunSpec
-
-
-def gpus_requested(environ=None) -> Optional[str]:
-    """The environment variable (``NAME=value``) that says GPUs were asked for, or None.
-
-    GPUs are asked for when ``CUDA_VISIBLE_DEVICES`` lists devices, or Slurm allocated GPUs
-    (``SLURM_GPUS*``, ``SLURM_JOB_GPUS``, ``SLURM_STEP_GPUS``).
-    """
-    env = os.environ if environ is None else environ
-    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if visible and visible not in ("-1", "NoDevFiles") and not visible.startswith("-"):
-        return f"CUDA_VISIBLE_DEVICES={visible}"
-    for name in sorted(env):
-        value = env[name].strip()
-        if name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):  # GPU indices: any is a GPU
-            if value and value.lower() not in ("none", "(null)"):
-                return f"{name}={value}"
-        elif name.startswith("SLURM_GPUS"):  # counts, possibly typed (a100:2): 0 is none
-            if value and value.lower() not in ("0", "none", "(null)") and not value.endswith(":0"):
-                return f"{name}={value}"
-    return None
-
-
-_WARNED_CPU_FALLBACK = False
-
-
-def resolve_device(name: str, *, warn: bool = False) -> torch.device:
-    """The torch device of ``--device`` (``auto``: CUDA when available, else the CPU).
-
-    With ``warn``, ``auto`` falling back to the CPU on a machine that was asked for GPUs prints a
-    loud warning (once per process): the run would otherwise go on, 50 times slower, unnoticed.
-    """
-    global _WARNED_CPU_FALLBACK
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        asked = gpus_requested()
-        if warn and asked and not _WARNED_CPU_FALLBACK:
-            _WARNED_CPU_FALLBACK = True
-            bar = "!" * 78
-            print(f"{bar}\nmixbench: WARNING: --device auto found no usable CUDA device although {asked}; "
-                  "training on the CPU.\nmixbench: check the driver and that this torch build has CUDA "
-                  f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}); pass --device cuda "
-                  "to fail instead, or --device cpu to silence this.\n"
-                  "mixbench: a run started here cannot be resumed on a GPU (and the reverse).\n"
-                  f"{bar}", file=sys.stderr, flush=True)
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; choose from: auto, cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine sees {torch.cuda.device_count()} CUDA device(s) "
-                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -277,17 +224,6 @@ def write_failed_result(
     }
     atomic_write_json(Path(run_dir) / "result.json", result)
     return result
-
-
-_DATA_CACHE: Dict[Tuple[str, str, bool], Dataset] = {}
-
-
-def get_data(spec: RunSpec) -> Dataset:
-    """Load a data set once per process (a grid trains many runs on the same data)."""
-    key = (spec.dataset, str(spec.data_dir), spec.download)
-    if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_dataset(spec.dataset, spec.data_dir, spec.download)
-    return _DATA_CACHE[key]
 
 
 def lr_factor(step: int, spec: RunSpec, steps_per_epoch: int) -> float:

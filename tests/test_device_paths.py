@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import mixbench.devices as devices
 import mixbench.train as train
 from mixbench import UsageError
 from mixbench.checkpoint import checkpoint_device, load_checkpoint, save_checkpoint
@@ -17,7 +18,8 @@ from mixbench.methods import input_gradient_saliency
 from mixbench.methods import puzzlemix as pm
 from mixbench.models import create_model
 from mixbench.spec import RunSpec
-from mixbench.train import gpus_requested, resolve_device, rng_state, set_rng_state, train_run
+from mixbench.devices import gpus_requested, resolve_device
+from mixbench.train import rng_state, set_rng_state, train_run
 
 
 # -- checkpoint: the device and the RNG state of that device only ---------------------------------
@@ -117,7 +119,7 @@ def test_gpus_requested_reads_cuda_visible_devices_and_slurm():
 
 def test_auto_falling_back_to_the_cpu_warns_loudly_when_gpus_were_asked_for(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train, "_WARNED_CPU_FALLBACK", False)
+    monkeypatch.setattr(devices, "_WARNED_CPU_FALLBACK", False)
     for name in list(os.environ):
         if name.startswith("SLURM_") or name == "CUDA_VISIBLE_DEVICES":
             monkeypatch.delenv(name)

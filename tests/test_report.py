@@ -13,11 +13,11 @@ import pytest
 
 from mixbench import UsageError
 from mixbench.cli import main
+from mixbench.frame import load_runs
 from mixbench.report import (
     build_table,
     latex_document,
     latex_escape,
-    load_runs,
     summary_table,
     to_latex,
     to_markdown,
@@ -402,7 +402,7 @@ def test_feature_removal_and_filter_usage_plots_are_written(tmp_path):
 
 def test_feature_removal_and_filter_usage_frames(tmp_path):
     from mixbench.plots import feature_removal_frame, filter_usage_epochs_frame, filter_usage_frames
-    from mixbench.report import label_runs
+    from mixbench.frame import label_runs
 
     runs = label_runs(load_runs([filter_results(tmp_path)]).runs)
     fr = feature_removal_frame(runs)
@@ -437,7 +437,7 @@ def test_filter_usage_headline_columns_lower_gini_is_better(tmp_path):
 
 
 def test_filter_usage_means_filled_in_for_older_records(tmp_path):
-    from mixbench.plots import filter_usage_means
+    from mixbench.frame import filter_usage_means
 
     fu = filter_usage_record(1.0)
     want = (fu["mean_gini"], fu["mean_effective_fraction"])

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mixbench import stats
-from mixbench.report import build_table, load_runs, summary_table, to_latex, to_markdown, write_report
+from mixbench.frame import load_runs
+from mixbench.report import build_table, summary_table, to_latex, to_markdown, write_report
 from test_report import check_latex_balanced, make_run, md_row
 
 # Per-seed top-1 of vanilla: a seed effect (spread ~1.2 points) that every method run with the seed shares.
