@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from method_checks import linear_batch
 from mixbench.methods import create_method
 from mixbench.methods import fmix as fm
 
@@ -79,10 +80,7 @@ def test_mixed_pixels_follow_the_mask():
 
 @pytest.mark.parametrize("n", [1, 3, 6])
 def test_method_draw_order_batch_sizes_and_determinism(n):
-    x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
-    y = F.one_hot(torch.arange(n) % 5, 5).float()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+    x, y, model = linear_batch(n)
     method = create_method("fmix")
     method.setup(seed=9, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
     rng = np.random.default_rng(9)  # order: lam, noise, ceil/floor coin, perm

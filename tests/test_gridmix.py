@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mixbench import UsageError
+from method_checks import assert_same_seed_same_mix, linear_batch
 from mixbench.methods import create_method
 from mixbench.methods import gridmix as gm
 
@@ -75,10 +76,7 @@ def test_bad_ranges():
 
 @pytest.mark.parametrize("n", [1, 3, 6])
 def test_method_draw_order_batch_sizes_and_determinism(n):
-    x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
-    y = F.one_hot(torch.arange(n) % 5, 5).float()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+    x, y, model = linear_batch(n)
     method = create_method("gridmix")
     method.setup(seed=3, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
     rng = np.random.default_rng(3)  # order: lam, holes, hole aspect, crop area, crop aspect, perm, u, v
@@ -95,12 +93,7 @@ def test_method_draw_order_batch_sizes_and_determinism(n):
             assert torch.equal(out.logits, model(want))
             torch.testing.assert_close(out.target, lam * y + (1 - lam) * y[perm])
             torch.testing.assert_close(out.target.sum(1), torch.ones(n))
-    a, b = create_method("gridmix"), create_method("gridmix")
-    for m in (a, b):
-        m.setup(seed=2, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
-    with torch.no_grad():
-        oa, ob = a(model, x, y), b(model, x, y)
-    assert torch.equal(oa.logits, ob.logits) and torch.equal(oa.target, ob.target)
+    assert_same_seed_same_mix("gridmix", model, x, y)
 
 
 # -- equality with openmixup ------------------------------------------------------------
