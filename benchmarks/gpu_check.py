@@ -152,25 +152,22 @@ def throughput(config, methods: List[str], device: torch.device, compiled: bool,
                 loss.backward()
                 optimizer.step()
 
-            before = len(compiles)
-            t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                step()
-            sync(device)
-            warm_s = time.perf_counter() - t0
-            warm_compiles = len(compiles) - before
+            def timed(n: int):
+                """(seconds, graphs compiled) of ``n`` steps, synchronised at the end."""
+                before, t0 = len(compiles), time.perf_counter()
+                for _ in range(n):
+                    step()
+                sync(device)
+                return time.perf_counter() - t0, len(compiles) - before
+
+            warm_s, warm_compiles = timed(args.warmup)
             reset_peak_memory(device)
-            before = len(compiles)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            sync(device)
-            seconds = time.perf_counter() - t0
+            seconds, recompiles = timed(args.steps)
             method.close()
             out["methods"][method_name] = {
                 "images_per_s": args.steps * batch / seconds, "ms_per_step": 1000 * seconds / args.steps,
                 "peak_mem_mb": peak_memory_mb(device), "warmup_s": warm_s, "graphs_in_warmup": warm_compiles,
-                "recompiles_timed": len(compiles) - before,
+                "recompiles_timed": recompiles,
             }
         except Exception as exc:  # one broken method must not hide the others
             out["methods"][method_name] = {"error": f"{type(exc).__name__}: {exc}",
