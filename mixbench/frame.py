@@ -310,13 +310,13 @@ def row_order(runs) -> List[str]:
     return [r for r, _ in sorted(zip(pairs["row"], pairs["method"]), key=lambda t: (order[t[1]], t[0]))]
 
 
-def _natural_key(text: str) -> List[Any]:
+def natural_key(text: str) -> List[Any]:
     """Numbers inside a label compare as numbers: (epochs=5) before (epochs=10)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def column_order(runs) -> List[str]:
-    return sorted(runs["column"].unique(), key=_natural_key)
+    return sorted(runs["column"].unique(), key=natural_key)
 
 
 # The per-run time of each basis of the cost column.

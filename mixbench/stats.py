@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+
+from mixbench.frame import _differing, _suffix, natural_key
 
 ALPHA = 0.05  # significance level of every test (after Holm's correction for the paired tests)
 MIN_PAIRS = 3  # fewer paired seeds than this: differences are reported, not tested
@@ -248,7 +249,7 @@ def rank_methods(runs: pd.DataFrame, rows: Sequence[str]) -> Tuple[Optional[Rank
     from scipy import stats
 
     means = runs.dropna(subset=["top1"]).groupby(["column", "row"])["top1"].mean().unstack("row")
-    columns = sorted(means.index, key=lambda c: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", c)])
+    columns = sorted(means.index, key=natural_key)
     if len(columns) < 2:
         return None, "they need 2 or more columns; this report has 1"
     present = [r for r in rows if r in means.columns]
@@ -316,7 +317,6 @@ def budget_groups(runs: pd.DataFrame) -> pd.Series:
         sel = base == name
         values = protos[sel].unique()
         if len(values) > 1:
-            from mixbench.frame import _differing, _suffix
 
             dicts = {v: json.loads(v) for v in values}
             keys = _differing(list(dicts.values()))
