@@ -186,8 +186,8 @@ def _environment(env: Mapping[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _parallel_worker(queue, device: str, out: str, progress: bool, where: str = "") -> None:
-    """Worker process of :func:`run_parallel`: train cells from ``queue`` on ``device`` until it is empty.
+def _parallel_worker(first, queue, device: str, out: str, progress: bool, where: str = "") -> None:
+    """Worker process of :func:`run_parallel`: train ``first``, then cells from ``queue`` on ``device`` until it is empty.
 
     Its environment (:func:`worker_environment`) was set before it started: one visible GPU
     (``device`` is then ``cuda:0``) and its share of the cores.
@@ -198,10 +198,8 @@ def _parallel_worker(queue, device: str, out: str, progress: bool, where: str = 
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     where = where or device
-    while True:
-        item = queue.get()
-        if item is None:
-            return
+    item = first
+    while item is not None:
         label, spec_dict = item
         spec = dataclasses.replace(RunSpec.from_dict(spec_dict), device=device)
         run_dir = spec.run_dir(Path(out))
@@ -214,6 +212,7 @@ def _parallel_worker(queue, device: str, out: str, progress: bool, where: str = 
             _record_launch(run_dir, {**info, "error": f"{type(exc).__name__}: {exc}", "failed_at": _now()})
             traceback.print_exc()
             print(f"mixbench: {label} failed on {where}: {exc}", file=sys.stderr)
+        item = queue.get()
 
 
 def run_parallel(specs: Sequence[RunSpec], out: Path, devices: Sequence[str], *,
@@ -233,18 +232,21 @@ def run_parallel(specs: Sequence[RunSpec], out: Path, devices: Sequence[str], *,
             todo.append((f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}", spec.to_dict()))
     if todo:
         ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        for item in todo:
-            queue.put(item)
         chosen = list(devices)[:len(todo)]
+        # Each worker starts with a cell of its own, so that every device gets work even when
+        # one process is slower to start (importing torch, initialising CUDA) than the others
+        # need to finish a short cell; the rest is shared through the queue.
+        queue = ctx.Queue()
+        for item in todo[len(chosen):]:
+            queue.put(item)
         workers = []
-        for d in chosen:
+        for d, first in zip(chosen, todo):
             gpu = d.startswith("cuda")
             index = torch_device_index(d) if gpu else len(workers)
             env = worker_environment(index, len(chosen), gpu=gpu)
             where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpu else f"cpu worker {index}"
             workers.append((ctx.Process(target=_parallel_worker,
-                                        args=(queue, "cuda:0" if gpu else "cpu", str(out), progress, where)), env))
+                                        args=(first, queue, "cuda:0" if gpu else "cpu", str(out), progress, where)), env))
         for _ in workers:
             queue.put(None)
         for w, env in workers:
