@@ -39,6 +39,7 @@ from . import saliencymix  # noqa: F401,E402
 from . import fmix  # noqa: F401,E402
 from . import resizemix  # noqa: F401,E402
 from . import gridmix  # noqa: F401,E402
+from . import smoothmix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",
