@@ -40,6 +40,7 @@ from . import fmix  # noqa: F401,E402
 from . import resizemix  # noqa: F401,E402
 from . import gridmix  # noqa: F401,E402
 from . import smoothmix  # noqa: F401,E402
+from . import attentivemix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",

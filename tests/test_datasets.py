@@ -224,7 +224,12 @@ def test_fashion_mnist_trains_one_epoch_on_a_subset(tmp_path):
 @pytest.mark.parametrize("method", list_methods())
 def test_every_method_takes_one_channel_input(tmp_path, method):
     write_fashion(tmp_path)
-    s = spec("fashion-mnist", tmp_path, method=method, train_subset=8, image_size=16)
+    params = {}
+    if method == "attentivemix":  # its pretrained extractor is a parameter: a tiny one written here
+        from test_attentivemix import write_extractor
+
+        params = write_extractor(tmp_path)
+    s = spec("fashion-mnist", tmp_path, method=method, train_subset=8, image_size=16, method_params=params)
     assert train_one(s, tmp_path)["dataset"] == "fashion-mnist"
 
 
