@@ -42,6 +42,7 @@ from . import gridmix  # noqa: F401,E402
 from . import smoothmix  # noqa: F401,E402
 from . import attentivemix  # noqa: F401,E402
 from . import snapmix  # noqa: F401,E402
+from . import recursivemix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",
