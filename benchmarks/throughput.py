@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from mixbench import UsageError
 from mixbench.losses import soft_cross_entropy
-from mixbench.methods import create_method, list_methods
+from mixbench.methods import create_method, get_method, list_methods
 from mixbench.models import create_model
 
 
@@ -55,7 +55,12 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace):
-    names = list_methods() if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods.strip() == "all":  # every method whose dependencies (or extractor) are there
+        names = [m for m in list_methods() if get_method(m).available()]
+        for m in sorted(set(list_methods()) - set(names)):
+            print(f"throughput: skipping {m}: {get_method(m).unavailable_reason()}", file=sys.stderr)
+    else:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
         raise UsageError("--methods is empty; give 'all' or a comma-separated list")
     for name in names:
