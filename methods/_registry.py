@@ -126,13 +126,15 @@ class MixMethod:
         """Release resources (worker pools...) at the end of a run."""
 
     @classmethod
-    def available(cls) -> bool:
-        """False when an optional dependency is missing; ``--methods all`` then skips the method."""
+    def available(cls, **params: Any) -> bool:
+        """False when an optional dependency is missing; ``--methods all`` then skips the method.
+
+        ``params`` are the run's method parameters (a method may need one, e.g. a checkpoint path)."""
         return True
 
     @classmethod
-    def unavailable_reason(cls) -> str:
-        """One line saying what is missing and how to install it."""
+    def unavailable_reason(cls, **params: Any) -> str:
+        """One line saying what is missing and how to install it (``params`` as for :meth:`available`)."""
         return f"method {cls.name!r} is not available"
 
     # -- introspection -------------------------------------------------

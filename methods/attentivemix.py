@@ -179,15 +179,15 @@ class AttentiveMix(MixMethod):
         return params
 
     @classmethod
-    def available(cls) -> bool:
-        path = configured_extractor()
+    def available(cls, **params: Any) -> bool:
+        path = configured_extractor(params.get("extractor"))
         return path is not None and Path(path).is_file()
 
     @classmethod
-    def unavailable_reason(cls) -> str:
-        path = configured_extractor()
+    def unavailable_reason(cls, **params: Any) -> str:
+        path = configured_extractor(params.get("extractor"))
         if path is not None and not Path(path).is_file():
-            return f"attentivemix: ${ENV}={path} is not a file"
+            return f"attentivemix: the extractor checkpoint {path} is not a file"
         return (f"attentivemix needs a pretrained feature extractor: set ${ENV} to a checkpoint of the timm "
                 "model `extractor_model` (default resnet18, e.g. torchvision's ImageNet ResNet-18 weights), "
                 "or pass extractor=PATH")

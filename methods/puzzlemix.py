@@ -60,7 +60,7 @@ import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -558,11 +558,11 @@ class PuzzleMix(MixMethod):
         self._pool: Optional[GraphCutPool] = None
 
     @classmethod
-    def available(cls) -> bool:
+    def available(cls, **params: Any) -> bool:
         return gco_available()
 
     @classmethod
-    def unavailable_reason(cls) -> str:
+    def unavailable_reason(cls, **params: Any) -> str:
         return INSTALL_HINT
 
     @property

@@ -40,7 +40,7 @@ equality with the reference is checked with the same OpenCV on both sides.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
@@ -109,11 +109,11 @@ class SaliencyMix(MixMethod):
         self._detector = None
 
     @classmethod
-    def available(cls) -> bool:
+    def available(cls, **params: Any) -> bool:
         return _saliency_module() is not None
 
     @classmethod
-    def unavailable_reason(cls) -> str:
+    def unavailable_reason(cls, **params: Any) -> str:
         return f"saliencymix needs OpenCV's contrib saliency module (cv2.saliency): {INSTALL_HINT}"
 
     def _peak(self, image: np.ndarray) -> Tuple[int, int]:

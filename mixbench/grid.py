@@ -175,9 +175,7 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
 
         methods = parse_methods("all")
     for name in methods:
-        cls = get_method(str(name))
-        if hasattr(cls, "available") and not cls.available():
-            raise UsageError(cls.unavailable_reason())
+        get_method(str(name))  # an unknown name fails here; availability is checked per cell, with its parameters
     seeds = listed("seeds", [0])
     for seed in seeds:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -199,6 +197,7 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
                 _apply(options, layer)
             options["dataset"] = _normalise_dataset(str(options["dataset"]), options.get("data_dir"))
             _check_method_params(method, options.get("method_params") or {})
+            _check_available(method, options.get("method_params") or {})
             for seed in seeds:
                 cell = RunSpec.from_dict({**options, "seed": seed}).resolved()
                 key = (cell.dataset, cell.model, cell.method, cell.seed, cell.run_id)
@@ -226,6 +225,12 @@ def _check_method_params(method: str, params: Mapping[str, Any]) -> None:
         raise UsageError(
             f"unknown parameter(s) {', '.join(bad)} for method {method!r}; valid: {', '.join(valid) or '(none)'}"
         )
+
+
+def _check_available(method: str, params: Mapping[str, Any]) -> None:
+    cls = get_method(method)
+    if not cls.available(**params):
+        raise UsageError(cls.unavailable_reason(**params))
 
 
 def check_models(specs: Iterable[RunSpec]) -> None:
