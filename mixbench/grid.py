@@ -38,7 +38,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from mixbench import UsageError
-from mixbench.methods import get_method, list_methods
+from mixbench.data import normalise_dataset_name
+from mixbench.methods import get_method
 from mixbench.spec import RunSpec
 
 META_KEYS = ("name", "description", "out", "metric")  # metric: the top-1 rule of `run`'s summary
@@ -208,13 +209,6 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
 
 
 def _normalise_dataset(name: str, data_dir: Optional[str]) -> str:
-    try:
-        from mixbench.data import normalise_dataset_name
-    except ImportError:  # older data module: plain names only
-        from mixbench.data import get_dataset_info
-
-        get_dataset_info(name)
-        return name
     return normalise_dataset_name(name, data_dir)
 
 
