@@ -85,7 +85,7 @@ def top_k_from_lambda(lam: float, cells: int) -> int:
 def configured_extractor(extractor: Optional[str] = None) -> Optional[str]:
     """The extractor path: the parameter, else ``$MIXBENCH_ATTENTIVEMIX_EXTRACTOR``, else None."""
     path = extractor if extractor else os.environ.get(ENV) or None
-    return os.path.abspath(os.path.expanduser(str(path))) if path else None
+    return os.path.expanduser(str(path)) if path else None
 
 
 def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ A spec is a mapping. Every key is optional::
     datasets: [cifar100]               # or `dataset: cifar100`
     models: [preactresnet18]           # or `model: ...` (default: the data set's)
     seeds: [0, 1, 2]                   # or `seed: 0`
-    methods: all                       # `all`, a list, or a mapping name -> overrides
+    methods: all                       # `all`, a list, or a mapping name -> overrides (`all:` among
+                                       # the names: every available method, these with overrides)
     epochs: 200                        # any run option (see RunSpec): applies to every cell
     grid:                              # run options to sweep (cartesian product)
       lr: [0.1, 0.05]
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -39,7 +41,7 @@ import yaml
 
 from mixbench import UsageError
 from mixbench.data import normalise_dataset_name
-from mixbench.methods import get_method
+from mixbench.methods import get_method, list_methods
 from mixbench.spec import RunSpec
 
 META_KEYS = ("name", "description", "out", "metric")  # metric: the top-1 rule of `run`'s summary
@@ -81,6 +83,10 @@ def check_spec(spec: Mapping[str, Any], where: str = "spec") -> None:
     methods = spec.get("methods")
     if isinstance(methods, dict):
         for name, overrides in methods.items():
+            if name == "all":
+                if overrides is not None:
+                    raise UsageError(f"{where}: methods.all takes no options (give them under the method's name)")
+                continue
             get_method(str(name))
             if overrides is None:
                 continue
@@ -175,6 +181,8 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
         from mixbench.spec import parse_methods
 
         methods = parse_methods("all")
+    elif "all" in methods:  # a mapping with `all:` and overrides for some methods
+        methods = _every_available(spec, method_overrides)
     for name in methods:
         get_method(str(name))  # an unknown name fails here; availability is checked per cell, with its parameters
     seeds = listed("seeds", [0])
@@ -219,6 +227,20 @@ def _check_method_params(method: str, params: Mapping[str, Any]) -> None:
         raise UsageError(
             f"unknown parameter(s) {', '.join(bad)} for method {method!r}; valid: {', '.join(valid) or '(none)'}"
         )
+
+
+def _every_available(spec: Mapping[str, Any], method_overrides: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    """``methods: {all: , name: {...}}``: every registered method in registry order, each checked for
+    availability with its method parameters from the spec (the unavailable ones skipped with a note)."""
+    names = []
+    for name in list_methods():
+        params = {**(spec.get("method_params") or {}), **(method_overrides.get(name, {}).get("method_params") or {})}
+        cls = get_method(name)
+        if cls.available(**params):
+            names.append(name)
+        else:
+            print(f"mixbench: skipping {name}: {cls.unavailable_reason(**params)}", file=sys.stderr)
+    return names
 
 
 def _check_available(method: str, params: Mapping[str, Any]) -> None:

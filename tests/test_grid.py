@@ -77,6 +77,23 @@ def test_methods_all_and_defaults():
     assert [c.run_id for c in same] == [plain.run_id]
 
 
+def test_methods_all_with_overrides_for_some(capsys):
+    everything = expand_spec({"dataset": "synthetic"})
+    cells = expand_spec({"dataset": "synthetic", "methods": {"all": None, "mixup": {"method_params": {"alpha": 0.2}}}})
+    assert [c.method for c in cells] == [c.method for c in everything]  # registry order, the same methods
+    assert [c.method_params.get("alpha") for c in cells if c.method == "mixup"] == [0.2]
+    assert [c.run_id for c in cells if c.method != "mixup"] == [c.run_id for c in everything if c.method != "mixup"]
+    # a method made available by its parameters joins; one still unavailable is skipped with the reason
+    missing = "/nonexistent/extractor.pt"
+    cells = expand_spec({"dataset": "synthetic", "methods": {"all": None, "attentivemix": {
+        "method_params": {"extractor": missing}}}})
+    assert "attentivemix" not in [c.method for c in cells]
+    assert f"skipping attentivemix: attentivemix: the extractor checkpoint {missing} is not a file" in \
+        capsys.readouterr().err
+    with pytest.raises(UsageError, match="methods.all takes no options"):
+        expand_spec({"dataset": "synthetic", "methods": {"all": {"epochs": 3}}})
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"epoch": 3}, "unknown key 'epoch'"),
     ({"methods": {"mixup": {"alpah": 1.0}}}, "unknown key 'alpah' in methods.mixup"),
