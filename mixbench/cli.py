@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "previous one; 0: every epoch (default: 10; the last epoch and a preemption signal "
                         "always checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write TensorBoard event files of every epoch's metrics into each run folder "
+                        "(`tensorboard --logdir OUT` shows every run of the grid; the spec option `tensorboard`)")
     p.add_argument("--eval", help="evaluation suites to run after training: 'all' or a comma-separated list "
                    "(see `mixbench evaluate`)")
     p.add_argument("--filter-usage-every", type=_positive_int, metavar="N",
@@ -190,7 +193,7 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 _RUN_OPTION_FLAGS = (
     "dataset", "device", "data_dir", "download", "compile", "model", "epochs", "batch_size", "lr", "weight_decay",
     "schedule", "train_subset", "data_mode", "image_size", "filter_usage_every", "loss", "stem",
-    "checkpoint_every_min",
+    "checkpoint_every_min", "tensorboard",
 )
 
 
