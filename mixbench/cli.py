@@ -103,12 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter-usage-every", type=_positive_int, metavar="N",
                    help="record per-stage filter usage in metrics.jsonl every N epochs")
 
-    p = sub.add_parser("report", help="Markdown/LaTeX/CSV tables and plots from run directories")
+    p = sub.add_parser("report", help="Markdown/LaTeX/CSV tables, plots and an HTML page from run directories")
     p.add_argument("results", nargs="*", type=Path, metavar="RESULTS_DIR",
                    help=f"folders searched for result.json (default: {DEFAULT_OUT})")
     p.add_argument("--out", type=Path, help="report folder (default: FIRST_RESULTS_DIR/report)")
     p.add_argument("--metric", default="final", help="top-1 rule: final, best or last10 (default: final)")
-    p.add_argument("--format", default="md,latex,csv", help="comma-separated: md, latex, csv (default: all)")
+    p.add_argument("--format", default="md,latex,csv,html",
+                   help="comma-separated: md, latex, csv, html (index.html) (default: all)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
 
     p = sub.add_parser("evaluate", help="run evaluation suites on finished runs (merged into result.json 'eval')")
