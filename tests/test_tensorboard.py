@@ -145,3 +145,15 @@ def test_kill_9_and_resume_give_one_point_per_epoch(tmp_path):
         assert [v for _, v in points[tag]] == pytest.approx([m[tag] for m in lines], rel=1e-6), tag
     fu = {tag: [s for s, _ in pts] for tag, pts in points.items() if tag.startswith("filter_usage/")}
     assert fu and all(steps == [0, 2, 4] for steps in fu.values()), fu
+
+
+def test_spec_option_and_flag():
+    from mixbench.cli import _run_overrides, build_parser
+    from mixbench.grid import check_spec, expand_spec
+
+    spec = {"dataset": "synthetic", "methods": ["mixup"], "tensorboard": True}
+    check_spec(spec)
+    assert [s.tensorboard for s in expand_spec(spec, {})] == [True]
+    args = build_parser().parse_args(["run", "--tensorboard"])
+    assert _run_overrides(args)["tensorboard"] is True
+    assert "tensorboard" not in _run_overrides(build_parser().parse_args(["run"]))
