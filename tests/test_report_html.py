@@ -194,7 +194,7 @@ def _column(driver, table_id: str, col: int) -> list:
 
 
 @pytest.mark.slow
-def test_in_chromium_tables_sort_and_plots_load(plotted, browser, tmp_path):
+def test_in_chromium_tables_sort_and_plots_load(browser, plotted, tmp_path):
     from selenium.webdriver.common.by import By
 
     report = plotted
