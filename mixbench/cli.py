@@ -95,17 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "previous one; 0: every epoch (default: 10; the last epoch and a preemption signal "
                         "always checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write TensorBoard event files of every epoch's metrics into each run folder "
+                        "(`tensorboard --logdir OUT` shows every run of the grid; the spec option `tensorboard`)")
     p.add_argument("--eval", help="evaluation suites to run after training: 'all' or a comma-separated list "
                    "(see `mixbench evaluate`)")
     p.add_argument("--filter-usage-every", type=_positive_int, metavar="N",
                    help="record per-stage filter usage in metrics.jsonl every N epochs")
 
-    p = sub.add_parser("report", help="Markdown/LaTeX/CSV tables and plots from run directories")
+    p = sub.add_parser("report", help="Markdown/LaTeX/CSV tables, plots and an HTML page from run directories")
     p.add_argument("results", nargs="*", type=Path, metavar="RESULTS_DIR",
                    help=f"folders searched for result.json (default: {DEFAULT_OUT})")
     p.add_argument("--out", type=Path, help="report folder (default: FIRST_RESULTS_DIR/report)")
     p.add_argument("--metric", default="final", help="top-1 rule: final, best or last10 (default: final)")
-    p.add_argument("--format", default="md,latex,csv", help="comma-separated: md, latex, csv (default: all)")
+    p.add_argument("--format", default="md,latex,csv,html",
+                   help="comma-separated: md, latex, csv, html (index.html) (default: all)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
 
     p = sub.add_parser("evaluate", help="run evaluation suites on finished runs (merged into result.json 'eval')")
@@ -190,7 +194,7 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 _RUN_OPTION_FLAGS = (
     "dataset", "device", "data_dir", "download", "compile", "model", "epochs", "batch_size", "lr", "weight_decay",
     "schedule", "train_subset", "data_mode", "image_size", "filter_usage_every", "loss", "stem",
-    "checkpoint_every_min",
+    "checkpoint_every_min", "tensorboard",
 )
 
 

@@ -12,7 +12,9 @@ run with several settings), and writes
 - ``summary.csv`` one row per (column, row, quantity) with mean, std and n;
 - ``stats.csv``  paired comparisons with vanilla and with each column's best (:mod:`mixbench.stats`);
 - ``ranks.csv``  average ranks across columns, with the Friedman test (two or more columns);
-- ``plots/``     PNG and PDF figures (see :mod:`mixbench.plots`).
+- ``plots/``     PNG and PDF figures (see :mod:`mixbench.plots`);
+- ``index.html`` the page to open in a browser: the tables (sortable), the plots, the methods and links
+  to every cell's runs (:mod:`mixbench.htmlpage`).
 
 Runs that did not complete (``status`` other than ``complete``, or a run
 directory with ``metrics.jsonl``/``spec.yaml`` but no ``result.json``) are
@@ -44,7 +46,7 @@ from mixbench.frame import (
     top1_runs,
 )
 
-FORMATS = ("md", "latex", "csv")
+FORMATS = ("md", "latex", "csv", "html")
 
 def summary_table(results: Sequence[Dict[str, Any]], metric: str = "final_top1") -> str:
     """A plain-text table: method, runs, mean top-1 +- std (the value alone for one run), epoch time relative
@@ -518,6 +520,17 @@ def latex_document(table_tex: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------
+def to_html(table: Table, runset: RunSet, out: Path, *, metric: str = "final", plots: Sequence[Path] = ()) -> str:
+    """``index.html`` of a report written into ``out`` (links are relative to it); see :mod:`mixbench.htmlpage`."""
+    from mixbench.htmlpage import render_page
+
+    return render_page(table, label_runs(runset.runs), runset.problems, Path(out), metric=metric, plots=plots,
+                       cell_text=_fmt)
+
+
+# ---------------------------------------------------------------------------
 # the whole report
 # ---------------------------------------------------------------------------
 def write_report(
@@ -563,9 +576,14 @@ def write_report(
 
             ranks_frame(table.ranks, label_runs(runset.runs)).to_csv(out / "ranks.csv", index=False)
             files.append(out / "ranks.csv")
+    figures: List[Path] = []
     if plots:
         from mixbench.plots import write_plots
 
-        files.extend(write_plots(label_runs(runset.runs), out / "plots", metric=metric,
-                                 rows=table.rows, eval_keys=runset.eval_keys, table=table))
+        figures = write_plots(label_runs(runset.runs), out / "plots", metric=metric,
+                              rows=table.rows, eval_keys=runset.eval_keys, table=table)
+        files.extend(figures)
+    if "html" in formats:  # after the plots: the page shows this report's figures
+        (out / "index.html").write_text(to_html(table, runset, out, metric=metric, plots=figures), encoding="utf-8")
+        files.append(out / "index.html")
     return {"files": files, "table": table, "runset": runset, "markdown": markdown}

@@ -22,7 +22,8 @@ from mixbench.methods import get_method, list_methods
 from mixbench.models import STEMS
 
 # Options that change where and how fast a run goes, not its numbers.
-_NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval", "filter_usage_every", "checkpoint_every_min")
+_NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval", "filter_usage_every", "checkpoint_every_min",
+              "tensorboard")
 _DATA_DEFAULTS = {"train_subset": None, "data_mode": "auto", "image_size": None}
 
 
@@ -61,6 +62,7 @@ class RunSpec:
     # A checkpoint at the end of the first epoch this many minutes after the previous one (0: every epoch);
     # the last epoch and a preemption signal always write one. Resume stays exact (epoch boundaries).
     checkpoint_every_min: float = 10.0
+    tensorboard: bool = False  # TensorBoard event files of the per-epoch metrics in the run folder (mixbench.tblog)
 
     # -- construction ---------------------------------------------------
     @classmethod
@@ -111,6 +113,8 @@ class RunSpec:
         every = self.checkpoint_every_min
         if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
             raise UsageError(f"checkpoint_every_min must be a number of minutes >= 0 (0: every epoch), got {every!r}")
+        if not isinstance(self.tensorboard, bool):
+            raise UsageError(f"tensorboard must be true or false, got {self.tensorboard!r}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise UsageError(f"compile must be true, false or unset (unset: on CUDA only), got {self.compile!r}")
         check_data_options(self.train_subset, self.data_mode, self.image_size)

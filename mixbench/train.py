@@ -72,6 +72,7 @@ from mixbench.results import (
     read_result,
 )
 from mixbench.spec import RunSpec
+from mixbench.tblog import EpochLog
 
 
 def seed_everything(seed: int) -> None:
@@ -419,6 +420,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     # Written every checkpoint_every_min minutes and at the last epoch; a preemption signal, an interrupt
     # or a failure writes the last finished epoch kept in memory (save_checkpoint looked up at call time).
     checkpointer = Checkpointer(run_dir, spec.checkpoint_every_min, save=lambda d, s: save_checkpoint(d, s))
+    curves = EpochLog(run_dir, start_epoch, enabled=spec.tensorboard)  # TensorBoard, when asked for
     try:
         checkpointer.__enter__()
         for epoch in range(start_epoch, spec.epochs):
@@ -462,6 +464,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
             if record["test_top1"] > best_top1:
                 best_top1, best_epoch = record["test_top1"], epoch
             append_jsonl(metrics_path, record)
+            curves.log(record)
             history.append(record)
             checkpointer.epoch_end(lambda: {
                 "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch, "elapsed": elapsed,
@@ -483,6 +486,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
         raise
     finally:
         checkpointer.__exit__(None, None, None)
+        curves.close()
         bar.close()
         method.close()
         if compiled:

@@ -333,7 +333,7 @@ def test_cli_default_out_is_inside_the_first_results_folder(results, capsys):
     (["report", "{empty}"], "no results (result.json) found under"),
     (["report", "{missing}"], "does not exist"),
     (["report", "{results}", "--metric", "median"], "unknown metric 'median'; choose from: final, best, last10"),
-    (["report", "{results}", "--format", "md,html"], "unknown format 'html'; choose from: md, latex, csv"),
+    (["report", "{results}", "--format", "md,pdf"], "unknown format 'pdf'; choose from: md, latex, csv, html"),
 ])
 def test_cli_errors_are_one_line_exit_2(results, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
