@@ -437,3 +437,66 @@ def test_training_steps_match_openmixup(monkeypatch, kind, side, n):
         for a, b in zip(method.momentum_model.parameters(), ref.backbone_k.parameters()):
             assert torch.equal(a, b)
     assert ref.momentum != 0.999
+
+
+# -- training in the harness: checkpoints and an exact resume after kill -9 ----------------------------
+
+def test_harness_checkpoint_holds_the_method_modules_and_their_optimizer_group(tmp_path, monkeypatch):
+    import mixbench.train as train
+    from mixbench.spec import RunSpec
+
+    captured = []
+    monkeypatch.setattr(train, "save_checkpoint", lambda run_dir, s: captured.append(s))
+    spec = RunSpec.from_dict(dict(method="automix", dataset="synthetic", seed=3, epochs=1, batch_size=32,
+                                  train_subset=96, device="cpu", checkpoint_every_min=0)).resolved()
+    train.train_run(spec, tmp_path / "run", progress=False)
+    s = captured[-1]
+    assert set(s["method"]["modules"]) == {"mix_block", "momentum_model"}
+    groups = s["optimizer"]["param_groups"]
+    assert len(groups) == 2 and len(groups[1]["params"]) == 4  # the MixBlock: value and query, weight and bias
+    assert groups[1]["lr"] == groups[0]["lr"] and groups[1]["weight_decay"] == groups[0]["weight_decay"]
+    assert all(i in s["optimizer"]["state"] for i in groups[1]["params"])  # its momentum buffers
+    assert len(s["scheduler"]["base_lrs"]) == 2
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_is_identical(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from test_resume import assert_same_run, metrics
+
+    def launch(out):
+        cmd = [sys.executable, "-m", "mixbench", "run", "--methods", "automix", "--dataset", "synthetic",
+               "--train-subset", "128", "--batch-size", "16", "--epochs", "3", "--seeds", "1", "--device", "cpu",
+               "--checkpoint-every-min", "0", "--no-progress", "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    ref_proc = launch(tmp_path / "ref")
+    assert ref_proc.wait(timeout=600) == 0, ref_proc.stderr.read()
+    victim = launch(tmp_path / "run")
+    deadline = time.time() + 600
+    killed_at = None
+    while time.time() < deadline and victim.poll() is None:
+        found = list((tmp_path / "run").rglob("checkpoint.pt.sha256"))
+        if found:
+            time.sleep(0.5)  # into the next epoch
+            killed_at = len(metrics(found[0].parent))
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, victim.stderr.read()
+    assert killed_at is not None and 1 <= killed_at < 3
+    run_dir = next((tmp_path / "run").rglob("metrics.jsonl")).parent
+    ref_dir = next((tmp_path / "ref").rglob("result.json")).parent
+    assert not (run_dir / "result.json").exists()
+
+    again = launch(tmp_path / "run")
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    resumed = [line for line in err.splitlines() if "resuming" in line]
+    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 1, err
+    assert_same_run(ref_dir, run_dir)
