@@ -320,7 +320,7 @@ class AutoMix(MixMethod):
         perm_bb = torch.from_numpy(perm_bb).to(x.device, non_blocking=True)
         perm_mb = torch.from_numpy(perm_mb).to(x.device, non_blocking=True)
         k = self.momentum_model
-        k.train(model.training)
+        k.train(unwrap(model).training)  # the eager module's mode: the harness sets that one, not a wrapper's
         with torch.no_grad():
             feature = self.stage_feature(x)
         mixed = self.mix(x, feature, lam_mb, lam_bb, perm_mb, perm_bb, adjust)

@@ -144,6 +144,21 @@ def test_gradients_reach_the_mix_block_and_the_model_but_not_the_momentum_model(
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_momentum_model_follows_the_eager_modules_mode_behind_a_compiled_wrapper():
+    from mixbench.train import CompiledModel
+
+    model = build("resnet18")
+    method = bound(model)
+    wrapper = CompiledModel(model, model, torch.contiguous_format)
+    wrapper.eval()  # the harness evaluates through the wrapper, then sets the eager model back to train
+    model.train()
+    seen = []
+    method.momentum_model.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    x, y = batch(3)
+    method(wrapper, x, y)
+    assert seen and all(seen)
+
+
 def test_momentum_update_and_stage_feature():
     model = build("resnet18")
     method = bound(model)
