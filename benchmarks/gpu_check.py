@@ -144,13 +144,17 @@ def throughput(config, methods: List[str], device: torch.device, compiled: bool,
         try:
             method = create_method(method_name, **({"workers": 0} if method_name == "puzzlemix" and args.quick else {}))
             method.setup(seed=0, num_classes=classes, mean=[0.5] * 3, std=[0.25] * 3)
-            optimizer = make_optimizer(model, _Opts(), device)
+            method.bind(model)  # a method's own modules, as the harness does
+            optimizer = make_optimizer(model, _Opts(), device, extra_groups=method.param_groups())
+            done = [0]
 
             def step() -> None:
                 loss = step_loss(method, forward, x, y, criterion, criterion.extra_weight(classes), autocast)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                method.after_step(model, done[0], 10**6)
+                done[0] += 1
 
             def timed(n: int):
                 """(seconds, graphs compiled) of ``n`` steps, synchronised at the end."""

@@ -2,7 +2,8 @@
 
 Each method trains the same model (a copy of one initialisation) on the same
 random batch: ``method(model, x, y)``, soft-target cross-entropy, backward, SGD
-step, exactly the work of one step of the training loop (bf16 autocast and
+step and the method's ``after_step`` (its own modules bound and optimised as in the
+harness), exactly the work of one step of the training loop (bf16 autocast and
 channels_last on CUDA, as there). Methods are timed in interleaved rounds, in a
 rotated order each round, so that a load change on a shared machine hits every
 method alike; the table gives the median over rounds.
@@ -111,8 +112,11 @@ def main(argv: List[str] | None = None) -> int:
         model = copy.deepcopy(base).to(device, memory_format=fmt).train()
         method = create_method(name)
         method.setup(seed=args.seed, num_classes=args.num_classes, mean=[0.5] * args.in_chans, std=[0.25] * args.in_chans)
+        method.bind(model)  # a method's own modules (AutoMix's MixBlock and momentum model), as the harness does
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        runs[name] = {"model": model, "method": method, "opt": optimizer, "rates": []}
+        for group in method.param_groups():
+            optimizer.add_param_group(group)
+        runs[name] = {"model": model, "method": method, "opt": optimizer, "rates": [], "steps": 0}
 
     def step(run) -> None:
         with autocast():
@@ -123,6 +127,8 @@ def main(argv: List[str] | None = None) -> int:
         run["opt"].zero_grad(set_to_none=True)
         loss.backward()
         run["opt"].step()
+        run["method"].after_step(run["model"], run["steps"], 10**6)
+        run["steps"] += 1
 
     def sync() -> None:
         if cuda:

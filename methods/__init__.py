@@ -14,6 +14,14 @@ term that the training loop adds to its loss. Subclasses implement
 draws come from ``self.rng`` (a ``numpy.random.Generator`` seeded by
 ``setup``), so one seed controls a run and the state can be checkpointed.
 
+A method with trainable parts of its own (AutoMix) uses the optional hooks,
+which the harness calls for every method (the defaults do nothing)::
+
+    method.bind(model)                            # once, after setup: build the method's modules
+    method.param_groups() -> [dict(params=...)]   # extra optimizer groups (the run's options by default)
+    method.after_step(model, step, total_steps)   # after every optimizer step (a momentum update)
+    method.owned_modules() -> {name: module}      # their states travel in state_dict()
+
 The registry keeps registration order, which is the order used in tables:
 the imports below put ``vanilla`` first.
 """
@@ -43,6 +51,7 @@ from . import smoothmix  # noqa: F401,E402
 from . import attentivemix  # noqa: F401,E402
 from . import snapmix  # noqa: F401,E402
 from . import recursivemix  # noqa: F401,E402
+from . import automix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",

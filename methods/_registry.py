@@ -110,13 +110,53 @@ class MixMethod:
                                    self.std.to(x.device, x.dtype).view(shape))
         return self._stats_on[key]
 
+    # -- trainable parts (optional; the defaults: none) -------------------
+    # A method may own modules that train with the model (AutoMix's mixing block and its
+    # momentum copy of the model). The harness calls, generically for every method:
+    #   bind(model)          once, after setup, before compiling, building the optimizer or resuming;
+    #   param_groups()       added to the optimizer (the run's LR schedule scales them too);
+    #   after_step(...)      after every optimizer step (e.g. a momentum update);
+    # and state_dict / load_state_dict carry the owned modules' states in checkpoints.
+    def bind(self, model: nn.Module) -> None:
+        """Build the method's own modules for ``model`` (the eager module, on the training device).
+
+        Called once per run after :meth:`setup`, before the model is compiled, before the
+        optimizer is built and before a checkpoint is loaded. The default does nothing.
+        """
+
+    def owned_modules(self) -> Dict[str, nn.Module]:
+        """The modules this method owns, by name (default: none). Their ``state_dict``s (parameters
+        and buffers) are part of the method's state, so a checkpoint holds and restores them."""
+        return {}
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """Extra optimizer parameter groups (default: none): dicts with ``params`` and any options;
+        an option left out takes the run's value (lr, momentum, weight decay...)."""
+        return []
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called after optimizer step ``step`` (0-based over the whole run) of ``total_steps``,
+        with the eager model. The default does nothing."""
+
     def state_dict(self) -> Dict[str, Any]:
         self._check_setup()
-        return {"rng": self.rng.bit_generator.state}
+        state: Dict[str, Any] = {"rng": self.rng.bit_generator.state}
+        modules = self.owned_modules()
+        if modules:
+            state["modules"] = {name: m.state_dict() for name, m in modules.items()}
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._check_setup()
         self.rng.bit_generator.state = state["rng"]
+        modules = self.owned_modules()
+        if modules or "modules" in state:
+            saved = state.get("modules", {})
+            if set(saved) != set(modules):
+                raise RuntimeError(f"method {self.name!r}: the saved state has modules {sorted(saved)}, "
+                                   f"this instance {sorted(modules)} (bind(model) before loading a state)")
+            for name, m in modules.items():
+                m.load_state_dict(saved[name])
 
     def _check_setup(self) -> None:
         if self.rng is None:

@@ -16,7 +16,7 @@ Crash safety: the run directory is locked while it trains (``mixbench.lock``);
 a checkpoint holds everything that decides the rest of the run (model,
 optimizer, LR scheduler, epoch, best-so-far, the python, numpy, torch CPU RNG
 states and the CUDA RNG state of the run's own device, the loader's generator,
-the method's state, the device type), always at the end of an epoch, so that a
+the method's state with the modules it owns, the device type), always at the end of an epoch, so that a
 rerun after a kill continues exactly where the last checkpointed epoch ended.
 Checkpoints are written every ``checkpoint_every_min`` minutes, at the last
 epoch, and on a preemption signal, an interrupt or a failure (the last
@@ -166,13 +166,20 @@ def compile_model(model: torch.nn.Module, backend: Optional[str] = None,
 COMPILE_GRAPH_LIMIT = 64
 
 
-def make_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with the run's options; fused into one kernel per step on CUDA where torch has it."""
+def make_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device,
+                   extra_groups=()) -> torch.optim.Optimizer:
+    """SGD with the run's options; fused into one kernel per step on CUDA where torch has it.
+
+    ``extra_groups``: the method's own parameter groups (``MixMethod.param_groups``), after the
+    model's; options they leave out take the run's."""
     extra = {}
     if device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters:
         extra["fused"] = True
-    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
-                           weight_decay=spec.weight_decay, **extra)
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                                weight_decay=spec.weight_decay, **extra)
+    for group in extra_groups:
+        optimizer.add_param_group(dict(group))
+    return optimizer
 
 
 # A diverged run is noticed within this many optimiser steps: the per-step losses stay on the
@@ -368,15 +375,16 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     ).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    method = create_method(spec.method, **spec.method_params)
+    method.setup(seed=spec.seed, num_classes=info.num_classes, mean=info.mean, std=info.std)
+    method.bind(model)  # a method's own trainable modules, built before compiling and the optimizer
     layout = torch.channels_last if channels_last else torch.contiguous_format
     forward = compile_model(model, memory_format=layout) if compiled else model
 
-    method = create_method(spec.method, **spec.method_params)
-    method.setup(seed=spec.seed, num_classes=info.num_classes, mean=info.mean, std=info.std)
     criterion = get_loss(spec.loss)
     extra_weight = criterion.extra_weight(info.num_classes)
     steps = len(train_loader)
-    optimizer = make_optimizer(model, spec, device)
+    optimizer = make_optimizer(model, spec, device, extra_groups=method.param_groups())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, spec, steps))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and spec.amp else contextlib.nullcontext
 
@@ -435,6 +443,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                method.after_step(model, epoch * steps + step, spec.epochs * steps)
                 scheduler.step()
                 step_losses[step] = loss.detach()  # stays on the device: no sync per step
                 bar.update(1)

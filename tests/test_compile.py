@@ -46,8 +46,12 @@ class Trainer:
         self.method = create_method(name, **params_of(name))
         self.method.setup(seed=3, num_classes=CLASSES, mean=MEAN, std=STD)
         self.criterion = get_loss("ce")
+        self.method.bind(model)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
                                          weight_decay=5e-4)
+        for group in self.method.param_groups():
+            self.optimizer.add_param_group(group)
+        self.steps = 0
 
     def step(self, x, y):
         self.model.train()
@@ -56,6 +60,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.method.after_step(self.model, self.steps, 100)
+        self.steps += 1
         return loss.detach()
 
 

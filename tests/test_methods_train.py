@@ -36,13 +36,17 @@ def test_method_trains_two_steps(name, kind, models, tmp_path):
     if kind not in models:
         models[kind] = build(kind)
     model = models[kind].train()
+    method.bind(model)  # the harness's generic hooks: a method's own modules and their parameter groups
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for group in method.param_groups():
+        opt.add_param_group(group)
+    own = [p.detach().clone() for g in opt.param_groups[1:] for p in g["params"]]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 3, 16, 16, generator=g)  # an odd batch
     y = F.one_hot(torch.tensor([0, 1, 2, 3, 4]), 5).float()
     try:
-        for _ in range(2):
+        for step in range(2):
             out = method(model, x, y)
             assert out.logits.shape == (5, 5)
             torch.testing.assert_close(out.target.sum(1), torch.ones(5))
@@ -53,6 +57,9 @@ def test_method_trains_two_steps(name, kind, models, tmp_path):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            method.after_step(model, step, 2)
     finally:
         method.close()
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "no weight changed"
+    now = [p for g in opt.param_groups[1:] for p in g["params"]]
+    assert not own or any(not torch.equal(b, p) for b, p in zip(own, now)), "the method's own weights did not change"
