@@ -67,11 +67,17 @@ from mixbench import UsageError
 from ._pool import ChunkPool, chunk_bounds, default_workers
 from ._registry import MixMethod, MixOutput, input_gradient_saliency, mix_targets, register_method
 
-INSTALL_HINT = (
-    "puzzlemix needs the graph-cut package gco-wrapper (import name gco), which could not be imported; "
-    "install it with `pip install gco-wrapper` (binary wheels exist for CPython 3.9-3.11 on x86-64 "
-    "Linux, macOS and Windows; elsewhere it builds from source and needs a C++ compiler)"
-)
+
+def install_hint(method: str = "puzzlemix") -> str:
+    """The one-line reason why ``method`` (a graph-cut method) is unavailable without gco."""
+    return (
+        f"{method} needs the graph-cut package gco-wrapper (import name gco), which could not be imported; "
+        "install it with `pip install gco-wrapper` (binary wheels exist for CPython 3.9-3.11 on x86-64 "
+        "Linux, macOS and Windows; elsewhere it builds from source and needs a C++ compiler)"
+    )
+
+
+INSTALL_HINT = install_hint("puzzlemix")
 
 
 def gco_available() -> bool:
@@ -83,11 +89,11 @@ def gco_available() -> bool:
     return True
 
 
-def _import_gco():
+def _import_gco(method: str = "puzzlemix"):
     try:
         import gco
     except ImportError as exc:
-        raise UsageError(f"{INSTALL_HINT} ({exc})") from None
+        raise UsageError(f"{install_hint(method)} ({exc})") from None
     return gco
 
 
