@@ -478,7 +478,7 @@ class CoMixup(MixMethod):
     def forward(self, model, x, y):
         n, width = x.shape[0], x.shape[-1]
         clean = self.clean_lam > 0
-        saliency, _, loss = input_gradient_saliency(model, x, y, train_mode=clean, keep_graph=clean)
+        saliency, _, loss = input_gradient_saliency(model, x, y, train_mode=clean, weight_grads=clean)
         extra = 2 * self.clean_lam * loss if clean else None
         block_num = self.block_num
         if block_num == -1:  # the authors' random resolution: 2, 4, 8 or 16 blocks per side

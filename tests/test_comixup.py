@@ -311,3 +311,21 @@ def test_compatibility_is_the_reference_main_py_distance():
     pos[:, 0] = idx // z.shape[-1]
     pos[:, 1] = idx % z.shape[-1]
     assert torch.equal(cm.compatibility(saliency), utils.distance(pos, dist_type="l1"))
+
+
+def test_clean_loss_from_the_saliency_pass_gives_the_weights_the_clean_gradient():
+    # Co-Mixup's clean-input term: the weight gradients come from the saliency pass's own backward
+    # (weight_grads=True) instead of a second backward through a kept graph; the same gradients.
+    from mixbench.methods import input_gradient_saliency
+
+    x, y, _ = batch(n=6, width=8)
+    grads = []
+    for flag in ("keep_graph", "weight_grads"):
+        model = tiny_model().train()
+        saliency, grad, loss = input_gradient_saliency(model, x, y, train_mode=True, **{flag: True})
+        (0.3 * loss).backward()
+        grads.append((saliency, loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (s0, l0, g0), (s1, l1, g1) = grads
+    assert torch.equal(s0, s1) and torch.equal(l0, l1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
