@@ -21,7 +21,10 @@ targets are the realised shares of the inputs' labels in each output.
 1. Saliency: the gradient of the clean batch's cross-entropy with respect to
    the input (``input_gradient_saliency``, shared with PuzzleMix), in train mode
    with ``clean_lam > 0`` (the authors' default, its loss ``2 * clean_lam * CE``
-   is returned as the extra loss), in eval mode otherwise.
+   is returned as the extra loss), in eval mode otherwise. As in the authors'
+   ``main.py`` (one ``backward`` of the clean loss), the weights' gradients of
+   the clean loss come from that same backward pass (``weight_grads=True``):
+   the extra loss carries them, so the clean batch is not back-propagated twice.
 2. Compatibility: ``A_dist`` is the L1 distance between the argmax positions of
    the saliency map average-pooled with an 8x8 window (stride 1).
 3. Per partition: a Dirichlet(alpha) prior and a uniformly random initial
@@ -344,7 +347,8 @@ def co_mixup(
     if len(priors) != len(bounds) or len(inits) != len(bounds):
         raise ValueError(f"co_mixup needs one prior and one initial labelling per partition ({len(bounds)})")
     block_size = width // block_num
-    sc = F.avg_pool2d(saliency.detach(), block_size)
+    sc = F.avg_pool2d(saliency.detach(), block_size).float().cpu()  # to the host once (the solver's side)
+    A_dist = A_dist.detach().float().cpu()
     hyper = dict(beta=beta, gamma=gamma, thres=thres, thres_type=thres_type, set_resolve=set_resolve, niter=niter)
 
     tasks, solved = [], []  # partitions of two or more samples are optimised; one alone stays itself
