@@ -155,6 +155,7 @@ def test_bad_block_num_is_a_usage_error():
         run(x, y, saliency, block_num=5)
 
 
+@pytest.mark.slow  # starts a worker process (imports torch again)
 def test_pool_gives_the_serial_answer():
     x, y, saliency = batch(n=12, width=16, seed=4)
     pool = cm.ChunkPool(1, name="comixup", preload=[cm.__name__])
