@@ -70,7 +70,6 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mixbench import UsageError
 
