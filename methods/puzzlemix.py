@@ -55,11 +55,6 @@ the reference would fail; wherever the reference runs the value is its own.
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
-import warnings
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -69,13 +64,20 @@ from torch import nn
 
 from mixbench import UsageError
 
+from ._pool import ChunkPool, chunk_bounds, default_workers
 from ._registry import MixMethod, MixOutput, input_gradient_saliency, mix_targets, register_method
 
-INSTALL_HINT = (
-    "puzzlemix needs the graph-cut package gco-wrapper (import name gco), which could not be imported; "
-    "install it with `pip install gco-wrapper` (binary wheels exist for CPython 3.9-3.11 on x86-64 "
-    "Linux, macOS and Windows; elsewhere it builds from source and needs a C++ compiler)"
-)
+
+def install_hint(method: str = "puzzlemix") -> str:
+    """The one-line reason why ``method`` (a graph-cut method) is unavailable without gco."""
+    return (
+        f"{method} needs the graph-cut package gco-wrapper (import name gco), which could not be imported; "
+        "install it with `pip install gco-wrapper` (binary wheels exist for CPython 3.9-3.11 on x86-64 "
+        "Linux, macOS and Windows; elsewhere it builds from source and needs a C++ compiler)"
+    )
+
+
+INSTALL_HINT = install_hint("puzzlemix")
 
 
 def gco_available() -> bool:
@@ -87,11 +89,11 @@ def gco_available() -> bool:
     return True
 
 
-def _import_gco():
+def _import_gco(method: str = "puzzlemix"):
     try:
         import gco
     except ImportError as exc:
-        raise UsageError(f"{INSTALL_HINT} ({exc})") from None
+        raise UsageError(f"{install_hint(method)} ({exc})") from None
     return gco
 
 
@@ -107,112 +109,25 @@ def _cut_chunk(unary: np.ndarray, pw_v: np.ndarray, pw_h: np.ndarray, smooth: np
     ])
 
 
-def _watch_trainer(pid: int) -> None:
-    """Worker initialiser: exit (and end the fork server) once the training process ``pid`` is gone.
+class GraphCutPool(ChunkPool):
+    """The shared :class:`~._pool.ChunkPool` applied to graph cuts: a batch is cut in contiguous chunks.
 
-    A training process killed without running ``close()`` would otherwise leave the pool behind.
-    """
-    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
-        return
-    import signal
-    import threading
-    import time
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                if os.getppid() not in (pid, 1):
-                    os.kill(os.getppid(), signal.SIGTERM)
-                os._exit(0)
-            except PermissionError:
-                pass
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-class GraphCutPool:
-    """Worker processes that solve the graph cuts of a batch in parallel.
-
-    ``workers`` processes plus the calling process each take a contiguous
-    chunk of the batch. The pool starts on first use and lives until
-    :meth:`close`. Batches whose grids are smaller than ``min_grid`` are
-    solved in the calling process (their cuts take less than the round trip).
+    ``workers`` processes plus the calling process each take a chunk of the
+    batch. Batches whose grids are smaller than ``min_grid`` are solved in the
+    calling process (their cuts take less than the round trip).
     """
 
     def __init__(self, workers: int, min_grid: int = 8):
-        self.workers = max(0, int(workers))
+        super().__init__(workers, name="puzzlemix", preload=[__name__])
         self.min_grid = min_grid
-        self._executor: Optional[ProcessPoolExecutor] = None
-
-    @staticmethod
-    def default_workers() -> int:
-        """One worker per available core, less the calling process's own.
-
-        The available cores are the process's CPU affinity, capped by ``$MIXBENCH_CPUS`` when set
-        (runs that share a node in parallel each get their share, see ``mixbench.launch``).
-        """
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # macOS, Windows
-            cores = os.cpu_count() or 1
-        try:
-            cap = int(os.environ.get("MIXBENCH_CPUS") or 0)
-        except ValueError:
-            cap = 0
-        if cap > 0:
-            cores = min(cores, cap)
-        return max(0, cores - 1)
-
-    def _start(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            # forkserver/spawn: the workers do not inherit the training process's threads.
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            ctx = multiprocessing.get_context(method)
-            if method == "forkserver":
-                ctx.set_forkserver_preload([__name__])
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=ctx, initializer=_watch_trainer, initargs=(os.getpid(),)
-            )
-        return self._executor
 
     def solve(self, unary: np.ndarray, pw_v: np.ndarray, pw_h: np.ndarray, smooth: np.ndarray) -> np.ndarray:
         n, grid = unary.shape[0], unary.shape[1]
         if self.workers == 0 or grid < self.min_grid or n < 2:
             return _cut_chunk(unary, pw_v, pw_h, smooth)
-        bounds = np.linspace(0, n, min(n, self.workers + 1) + 1).round().astype(int)
-        try:
-            executor = self._start()
-            futures = [
-                executor.submit(_cut_chunk, unary[a:b], pw_v[a:b], pw_h[a:b], smooth)
-                for a, b in zip(bounds[1:-1], bounds[2:])
-            ]
-        except (BrokenProcessPool, RuntimeError, OSError) as exc:
-            return self._fall_back(exc, unary, pw_v, pw_h, smooth)
-        head = _cut_chunk(unary[: bounds[1]], pw_v[: bounds[1]], pw_h[: bounds[1]], smooth)
-        try:
-            return np.concatenate([head] + [f.result() for f in futures])
-        except BrokenProcessPool as exc:
-            return self._fall_back(exc, unary, pw_v, pw_h, smooth)
-
-    def _fall_back(self, exc, unary, pw_v, pw_h, smooth) -> np.ndarray:
-        warnings.warn(f"puzzlemix: graph-cut worker pool failed ({exc}); solving in the main process from now on")
-        self.close()
-        self.workers = 0
-        return _cut_chunk(unary, pw_v, pw_h, smooth)
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        bounds = chunk_bounds(n, self.workers + 1)
+        chunks = [(unary[a:b], pw_v[a:b], pw_h[a:b], smooth) for a, b in zip(bounds[:-1], bounds[1:])]
+        return np.concatenate(self.run(_cut_chunk, chunks))
 
 
 def _neigh_penalty(a: torch.Tensor, b: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -568,7 +483,7 @@ class PuzzleMix(MixMethod):
     @property
     def pool(self) -> GraphCutPool:
         if self._pool is None:
-            self._pool = GraphCutPool(GraphCutPool.default_workers() if self.workers is None else self.workers)
+            self._pool = GraphCutPool(default_workers() if self.workers is None else self.workers)
         return self._pool
 
     def close(self) -> None:
