@@ -81,12 +81,16 @@ def test_greedy_pairing_by_hand():
     assert gm.greedy_pairing(d).tolist() == [2, 0, 1]
 
 
-def test_distances_are_l2_and_chunking_changes_nothing(monkeypatch):
-    sc = torch.rand(7, 6, 5, generator=torch.Generator().manual_seed(0))
-    full = gm.saliency_distances(sc)
-    torch.testing.assert_close(full, torch.cdist(sc.reshape(7, -1), sc.reshape(7, -1)), rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(gm, "_DISTANCE_CHUNK", 7 * 30 * 2)  # two rows at a time
+@pytest.mark.parametrize("n, side", [(1, 4), (2, 5), (7, 6), (33, 16), (100, 32)])
+def test_distances_are_the_full_l2_expression_bit_for_bit(n, side, monkeypatch):
+    sc = torch.rand(n, side, side, generator=torch.Generator().manual_seed(n)) ** 3
+    flat = sc.reshape(n, -1)
+    full = (flat.unsqueeze(1) - flat.unsqueeze(0)).norm(dim=-1)  # the authors' distance_function
     assert torch.equal(gm.saliency_distances(sc), full)
+    monkeypatch.setattr(gm, "_DISTANCE_CHUNK", 1)  # one row per block
+    assert torch.equal(gm.saliency_distances(sc), full)
+    exact = ((flat.double().unsqueeze(1) - flat.double().unsqueeze(0)) ** 2).sum(-1).sqrt()
+    torch.testing.assert_close(full.double(), exact, rtol=1e-5, atol=1e-7)
 
 
 def test_masks_targets_are_the_realised_shares():
