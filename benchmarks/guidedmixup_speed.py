@@ -13,7 +13,8 @@
     GUIDEDMIXUP_REFERENCE=/path/to/GuidedMixup python benchmarks/guidedmixup_speed.py [--batch-size 100]
 
 Times are CPU time of this process (``time.process_time``, all its threads), so other jobs on the
-machine add little; step times are the median of alternating steps, mixing times the best of --repeat.
+machine add little; step times are the median of alternating steps, mixing times the best of --repeat
+on one torch thread (--mix-threads).
 Without GUIDEDMIXUP_REFERENCE (or --reference) the authors' columns are left out.
 """
 from __future__ import annotations
@@ -97,7 +98,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--steps", type=int, default=6, help="training steps timed per variant")
-    parser.add_argument("--repeat", type=int, default=5, help="repeats per mixing timing (best of)")
+    parser.add_argument("--repeat", type=int, default=20, help="repeats per mixing timing (best of)")
+    parser.add_argument("--mix-threads", type=int, default=1,
+                        help="torch threads for the mixing timings (default 1: on a busy machine the spin-waits of "
+                             "idle threads dominate the CPU time of such small operations)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--reference", default=os.environ.get("GUIDEDMIXUP_REFERENCE"),
                         help="a checkout of 3neutronstar/GuidedMixup (default: $GUIDEDMIXUP_REFERENCE)")
@@ -128,7 +132,9 @@ def main() -> None:
     print()
 
     saliency, _ = ap.saliency(model, x, y)
-    print(f"mixing time per batch, saliency given (ms, best of {args.repeat})")
+    step_threads = torch.get_num_threads()
+    torch.set_num_threads(args.mix_threads)
+    print(f"mixing time per batch, saliency given (ms, best of {args.repeat}, {args.mix_threads} torch thread(s))")
     print(f"{'':>22} {'mixbench':>9} {'authors':>9}  same result")
     ours_t, ours = cpu_timed(lambda: gm.guided_mixup(x, y, saliency), args.repeat)
     row = f"{'smooth+pair+mix':>22} {1e3 * ours_t:>9.1f}"
@@ -146,6 +152,7 @@ def main() -> None:
     print(row)
     sr_t, _ = cpu_timed(lambda: gm.spectral_residual_saliency(x), args.repeat)
     print(f"{'SR saliency':>22} {1e3 * sr_t:>9.1f}")
+    torch.set_num_threads(step_threads)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
@@ -187,7 +194,7 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     print()
     print(f"training step, PreActResNet-18, 32x32, batch {n}, every step mixed "
-          f"(median CPU time of {args.steps} alternating steps)")
+          f"(median CPU time of {args.steps} alternating steps, {step_threads} torch thread(s))")
     for name, _ in variants:
         print(f"  {name:<20} {1e3 * med[name]:8.0f} ms   {med[name] / med['vanilla']:.2f}x vanilla")
     r = med["guided_ap"] / med["vanilla"]
