@@ -43,6 +43,7 @@ from . import smoothmix  # noqa: F401,E402
 from . import attentivemix  # noqa: F401,E402
 from . import snapmix  # noqa: F401,E402
 from . import recursivemix  # noqa: F401,E402
+from . import alignmix  # noqa: F401,E402
 
 __all__ = [
     "MixMethod",
