@@ -133,8 +133,10 @@ def align_mix_features(h: torch.Tensor, perm: torch.Tensor, lam: float, directio
         raise ValueError(f"direction must be 0 or 1, got {direction!r}")
     n, c, height, width = h.shape
     with torch.autocast(h.device.type, enabled=False):
-        feat1 = h.float().reshape(n, c, height * width)
-        feat2 = h[perm].float().reshape(n, c, height * width)
+        # Contiguous (N, C, P) maps whatever the layout of ``h`` (channels_last on CUDA): the same
+        # arithmetic, and so the same numbers, as the reference's ``view``s.
+        feat1 = h.float().contiguous().view(n, c, height * width)
+        feat2 = h[perm].float().contiguous().view(n, c, height * width)
         plan = sinkhorn_plan(feat1.permute(0, 2, 1), feat2.permute(0, 2, 1), eps, max_iter, thresh)
         plan = plan * (height * width)
         if direction == 0:
