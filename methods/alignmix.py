@@ -89,9 +89,9 @@ def cost_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                       for s in range(0, n, step)])
 
 
-def _modified_cost(cost: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(-C_ij + u_i + v_j) / eps``, the reference's ``M``."""
-    return (-cost + u.unsqueeze(-1) + v.unsqueeze(-2)) / eps
+def _modified_cost(neg_cost: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(-C_ij + u_i + v_j) / eps`` from ``neg_cost = -C``, the reference's ``M`` (negation is exact)."""
+    return (neg_cost + u.unsqueeze(-1) + v.unsqueeze(-2)) / eps
 
 
 def sinkhorn_plan(a: torch.Tensor, b: torch.Tensor, eps: float = 0.1, max_iter: int = 100,
@@ -106,19 +106,19 @@ def sinkhorn_plan(a: torch.Tensor, b: torch.Tensor, eps: float = 0.1, max_iter: 
     """
     with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
         a, b = a.detach().float(), b.detach().float()
-        cost = cost_matrix(a, b)
-        n, p, q = cost.shape
+        neg_cost = -cost_matrix(a, b)
+        n, p, q = neg_cost.shape
         mu = torch.full((n, p), 1.0 / p, dtype=torch.float32, device=a.device)
         nu = torch.full((n, q), 1.0 / q, dtype=torch.float32, device=a.device)
         log_mu, log_nu = torch.log(mu + 1e-8), torch.log(nu + 1e-8)
         u, v = torch.zeros_like(mu), torch.zeros_like(nu)
         for _ in range(max_iter):
             u_prev = u
-            u = eps * (log_mu - torch.logsumexp(_modified_cost(cost, u, v, eps), dim=-1)) + u
-            v = eps * (log_nu - torch.logsumexp(_modified_cost(cost, u, v, eps).transpose(-2, -1), dim=-1)) + v
+            u = eps * (log_mu - torch.logsumexp(_modified_cost(neg_cost, u, v, eps), dim=-1)) + u
+            v = eps * (log_nu - torch.logsumexp(_modified_cost(neg_cost, u, v, eps).transpose(-2, -1), dim=-1)) + v
             if (u - u_prev).abs().sum(-1).mean().item() < thresh:
                 break
-        return torch.exp(_modified_cost(cost, u, v, eps))
+        return torch.exp(_modified_cost(neg_cost, u, v, eps))
 
 
 def align_mix_features(h: torch.Tensor, perm: torch.Tensor, lam: float, direction: int, eps: float = 0.1,
