@@ -8,7 +8,7 @@ through the transport plan, and the two are interpolated.
 Reference code: shashankvkt/AlignMixup_CVPR22 (read at commit ``ec01a68``),
 ``cifar10_100/models/resnet18_classifier.py`` (``mixup_process`` 12-16,
 ``mixup_aligned`` 20-46, ``Resnet_classifier.forward`` 58-80),
-``cifar10_100/utils/OT.py`` (``SinkhornDistance``) and ``cifar10_100/main.py``
+``cifar10_100/utils/OT.py`` (``SinkhornDistance``, 5-85) and ``cifar10_100/main.py``
 (lambda 161, loss 101-102 and 165, ``--alpha 2.0`` in the README's CIFAR-100
 command). Per batch:
 
