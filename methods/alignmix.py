@@ -40,8 +40,11 @@ reference's ``SinkhornDistance`` and ``mixup_aligned`` compute, with the same
 operations in the same order, in float32 (``tests/test_alignmix.py`` compares
 them with a local copy of the reference: equal bit for bit on the CPU).
 
-Deviations (also in the README):
+Deviations (also in the README, with the training protocol's):
 
+- Draws come from the method's seeded generator (the reference: Python's
+  ``random`` for the branch and the direction, NumPy's global generator for
+  lambda and the permutation): same distributions, exact resume.
 - The plan is computed without an autograd graph (the reference builds one and
   detaches the plan: the same values, no gradient through the plan either way).
 - The cost tensor (N, P, P, C) is built in chunks of samples (the same values;
