@@ -53,6 +53,7 @@ from . import snapmix  # noqa: F401,E402
 from . import recursivemix  # noqa: F401,E402
 from . import comixup  # noqa: F401,E402
 from . import guidedmixup  # noqa: F401,E402
+from . import alignmix  # noqa: F401,E402
 from . import automix  # noqa: F401,E402
 
 __all__ = [
