@@ -69,7 +69,7 @@ def suite_mean_confidence(ctx):
     return {"mean_confidence": float(p.max(1).values.mean())}
 '''
 
-SMALL = ["--dataset", "synthetic", "--epochs", "1", "--train-subset", "256", "--no-progress"]
+SMALL = ["--dataset", "synthetic", "--epochs", "1", "--train-subset", "512", "--no-progress"]
 
 
 @pytest.fixture
@@ -324,16 +324,22 @@ def test_new_method_test_fails_on_a_wrong_label_weight(tmp_path, capsys):
 # ---------------------------------------------------------------------------
 # End to end: run (here and in parallel workers), evaluate, report
 # ---------------------------------------------------------------------------
-def _check_table(capsys, out: Path, report: Path):
+def _check_table(capsys, out: Path, report: Path, methods=("vanilla", "bandmix")):
+    """The report's first table has one row per method, in that order, each with a top-1 in the one column."""
     assert main(["report", str(out), "--out", str(report), "--no-plots", "--format", "md,csv"]) == 0
     capsys.readouterr()
-    table = (report / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert [r.split("`")[1] for r in rows[:2]] == ["vanilla", "bandmix"], table
-    # one column: bandmix's numbers beside vanilla's, not in a protocol of their own
-    header = next(line for line in table.splitlines() if line.startswith("| method"))
-    cells = [c.strip() for c in rows[1].strip("|").split("|")]
-    assert len(cells) == header.count("|") - 1 and re.match(r"\d+\.\d+", cells[1]), table
+    table = (report / "table.md").read_text()
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    assert [r[0] for r in rows] == list(methods), table
+    assert sum("top-1" in h for h in header) == 1, table  # one protocol column: the method sits beside vanilla
+    assert all(len(r) == len(header) and re.match(r"\**\d+\.\d+", r[1]) for r in rows), table
     return table
 
 
@@ -349,6 +355,8 @@ def test_plugin_method_through_run_evaluate_and_report(outside, tmp_path, capsys
     assert spec["plugins"] == [plugin] and len(spec["method_source"]) == 12
     assert read_launch(run_dir)["spec"]["plugins"] == [plugin]
     assert read_result(run_dir)["method"] == "bandmix"
+    vanilla = read_result(next(out.rglob("vanilla/seed0-*")))
+    assert vanilla["final_test_loss"] != read_result(run_dir)["final_test_loss"]  # bandmix did mix
     # the same command again reuses both results
     assert main(argv) == 0
     assert capsys.readouterr().err.count("already complete") == 2
@@ -359,13 +367,13 @@ def test_plugin_method_through_run_evaluate_and_report(outside, tmp_path, capsys
     ev = read_result(run_dir)["eval"]
     assert 0 < ev["mean_confidence"]["mean_confidence"] <= 1 and "ece" in ev["calibration"]
     table = _check_table(capsys, out, tmp_path / "report")
-    assert "mean_confidence" in table.lower().replace(" ", "_") or "confidence" in table.lower()
+    assert "mean_confidence.mean_confidence" in table  # the plugin suite's number, a column of the table
 
 
 @pytest.mark.slow
 def test_plugin_method_in_parallel_worker_processes(outside, tmp_path, capsys):
     plugins.load_plugins([str(outside / "bandmix.py")])
-    specs = expand_grid(["vanilla", "bandmix"], [0], dataset="synthetic", epochs=1, train_subset=256, device="cpu")
+    specs = expand_grid(["vanilla", "bandmix"], [0], dataset="synthetic", epochs=1, train_subset=512, device="cpu")
     # spawned workers start with the built-in methods only: they import the plugin from the spec
     results = run_parallel(specs, tmp_path / "runs", ["cpu", "cpu"], progress=False)
     assert [r["method"] for r in results] == ["vanilla", "bandmix"]
@@ -393,7 +401,9 @@ def test_plugin_method_through_slurm(slurm_cluster, outside, tmp_path, capsys): 
     bandmix_dir = next(d for d in dirs if "bandmix" in str(d))
     launch = read_launch(bandmix_dir)
     assert launch["executor"] == "slurm" and launch["spec"]["plugins"] == [plugin]
-    _wait(lambda: all(is_complete(d) for d in dirs), 240, "the 2 array tasks to finish")
+    # a task evaluates after its result.json is complete: wait for the evaluation too
+    _wait(lambda: all(is_complete(d) and "mean_confidence" in (read_result(d) or {}).get("eval", {}) for d in dirs),
+          240, "the 2 array tasks to train and evaluate")
     result = read_result(bandmix_dir)
     assert result["method"] == "bandmix" and result["spec"]["plugins"] == [plugin], _logs(bandmix_dir)
     assert 0 < result["eval"]["mean_confidence"]["mean_confidence"] <= 1  # the plugin's suite, in the job
