@@ -41,7 +41,7 @@ def test_readme_section_has_the_steps():
 
 @pytest.mark.slow
 def test_readme_example_runs_as_written(tmp_path):
-    (new, _), (_, plugin), (_, commands) = readme_blocks()
+    (_, new), (_, plugin), (_, commands) = readme_blocks()
     work = tmp_path / "my-paper"
     work.mkdir()
     bindir = str(Path(sys.executable).parent)
