@@ -182,6 +182,18 @@ def test_a_recorded_spec_imports_its_plugins(outside, tmp_path):
     assert get_method("bandmix").name == "bandmix" and spec.run_id == RunSpec.from_dict(record).run_id
 
 
+def test_a_module_plugin(tmp_path, monkeypatch, clean_registry):
+    (tmp_path / "labmod").mkdir()
+    (tmp_path / "labmod" / "__init__.py").write_text("")
+    (tmp_path / "labmod" / "mix.py").write_text(BANDMIX.replace('"bandmix"', '"modmix"')
+                                                .replace("suite_mean_confidence", "suite_mod_confidence"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert plugins.load_plugins("labmod.mix") == ["labmod.mix"]
+    assert plugins.origin("method", "modmix") == "module labmod.mix"
+    spec = expand_grid(["modmix"], [0], dataset="synthetic", epochs=1)[0]
+    assert spec.plugins == ["labmod.mix"] and len(spec.method_source) == 12
+
+
 # ---------------------------------------------------------------------------
 # Clear errors
 # ---------------------------------------------------------------------------
@@ -368,6 +380,37 @@ def test_plugin_method_through_run_evaluate_and_report(outside, tmp_path, capsys
     assert 0 < ev["mean_confidence"]["mean_confidence"] <= 1 and "ece" in ev["calibration"]
     table = _check_table(capsys, out, tmp_path / "report")
     assert "mean_confidence.mean_confidence" in table  # the plugin suite's number, a column of the table
+
+
+FLAKY = BANDMIX.replace("""    def forward(self, model, x, y):
+""", """    calls = 0
+
+    def forward(self, model, x, y):
+        import pathlib
+
+        self.calls += 1
+        if self.calls > 10 and pathlib.Path(__file__).with_name("crash-after-10-steps").exists():
+            raise RuntimeError("simulated crash")
+""")
+
+
+@pytest.mark.slow
+def test_plugin_run_resumes_from_its_checkpoint(outside, tmp_path, capsys):
+    (outside / "bandmix.py").write_text(FLAKY)
+    (outside / "crash-after-10-steps").write_text("")  # beside the plugin: its source (and run id) stay the same
+    out = tmp_path / "runs"
+    argv = ["run", "--plugins", str(outside / "bandmix.py"), "--methods", "bandmix", "--out", str(out),
+            "--checkpoint-every-min", "0", *SMALL]
+    argv[argv.index("--epochs") + 1] = "2"
+    assert main(argv) == 1  # 512 images in batches of 64: step 11 is in the second epoch
+    run_dir = next(out.rglob("bandmix/seed0-*"))
+    assert read_result(run_dir)["status"] == "failed" and "simulated crash" in read_result(run_dir)["error"]
+    assert (run_dir / "checkpoint.pt").exists()
+    capsys.readouterr()
+    (outside / "crash-after-10-steps").unlink()
+    assert main(argv) == 0
+    assert f"resuming {run_dir} from epoch 1" in capsys.readouterr().err
+    assert read_result(run_dir)["status"] == "complete" and read_result(run_dir)["epochs"] == 2
 
 
 @pytest.mark.slow
