@@ -10,16 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixbench import UsageError
+from mixbench import UsageError, plugins
 
 _METHODS: Dict[str, Type["MixMethod"]] = {}
 
 
 def register_method(cls: Type["MixMethod"]) -> Type["MixMethod"]:
-    """Class decorator: register ``cls`` under ``cls.name``."""
+    """Class decorator: register ``cls`` under ``cls.name`` (built-in methods and plugins alike)."""
     name = getattr(cls, "name", None)
     if not name:
         raise TypeError(f"{cls.__qualname__} needs a class attribute `name`")
+    if not (isinstance(cls, type) and issubclass(cls, MixMethod)):
+        raise TypeError(f"{getattr(cls, '__qualname__', cls)!r}: @register_method needs a MixMethod subclass")
+    plugins.note_registration("method", name, cls)  # where it comes from; a plugin's clash is a UsageError
     if name in _METHODS and _METHODS[name] is not cls:
         raise ValueError(f"a method named {name!r} is already registered")
     _METHODS[name] = cls
@@ -27,15 +30,24 @@ def register_method(cls: Type["MixMethod"]) -> Type["MixMethod"]:
 
 
 def list_methods() -> List[str]:
-    """Registered method names, in registration (table) order."""
+    """Registered method names, in registration (table) order: built-ins, then plugins."""
+    plugins.load_entry_points()
     return list(_METHODS)
 
 
+def method_origin(name: str) -> str:
+    """Where a method comes from: ``built-in``, ``plugin PATH``, ``module NAME`` or ``entry point ...``."""
+    get_method(name)
+    return plugins.origin("method", name)
+
+
 def get_method(name: str) -> Type["MixMethod"]:
+    plugins.load_entry_points()
     try:
         return _METHODS[name]
     except KeyError:
-        raise UsageError(f"unknown method {name!r}; choose from: {', '.join(_METHODS)}") from None
+        raise UsageError(f"unknown method {name!r}; choose from: {', '.join(_METHODS)} "
+                         "(a method of your own: --plugins FILE.py, see `mixbench new-method`)") from None
 
 
 def create_method(name: str, **params: Any) -> "MixMethod":

@@ -43,6 +43,12 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _add_plugins(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE",
+                   help="methods or evaluation suites of your own: a Python file or an importable module "
+                        "(comma-separated or repeated; see `mixbench new-method`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixbench", description="Benchmark mixup-family augmentations on timm CNNs."
@@ -50,12 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("list", help="list registered methods, data sets or models")
+    p = sub.add_parser("list", help="list registered methods (and where each comes from), data sets or models")
     p.add_argument("what", choices=["methods", "datasets", "models"])
+    _add_plugins(p)
 
     p = sub.add_parser("run", help="train a grid of runs (here, or as a Slurm job array)")
     p.add_argument("--config", type=Path, metavar="SPEC.yaml",
                    help="benchmark spec (a YAML grid, e.g. benchmarks/digits.yaml); the flags below override it")
+    _add_plugins(p)
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="local: train here (one run per GPU in parallel); slurm: submit one job array and return")
     p.add_argument("--profile", type=Path, metavar="PROFILE.yaml",
@@ -124,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SUITE.KEY=VALUE",
                    help="a suite option, e.g. adversarial.eps=0.0157 or corruption.severities=[3] (repeatable)")
     p.add_argument("--cache-dir", type=Path, help="corrupted-image cache (default: DATA_DIR/corrupted/DATASET)")
+    _add_plugins(p)
 
     p = sub.add_parser("status", help="state of every cell of a grid: done / running / pending / failed")
     p.add_argument("results", nargs="?", type=Path, metavar="RESULTS_DIR",
@@ -133,16 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="with --config: the same override as given to `run`")
     p.add_argument("--seeds", help="with --config: the same override as given to `run`")
     p.add_argument("--epochs", type=_positive_int, help="with --config: the same override as given to `run`")
+    _add_plugins(p)
+
+    p = sub.add_parser("new-method", help="write a documented starting file for a method of your own, and its test")
+    p.add_argument("name", help="the method's name (lower case, digits and _), as used in --methods")
+    p.add_argument("--dir", type=Path, default=Path("."), help="folder to write NAME.py and test_NAME.py in "
+                   "(default: here)")
     return parser
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         from mixbench.methods import get_method, list_methods
+        from mixbench.plugins import load_plugins, origin
 
+        load_plugins(args.plugins)
         for name in list_methods():
             params = ", ".join(f"{k}={v!r}" for k, v in get_method(name).default_params().items())
-            print(f"{name:16s} {params}")
+            print(f"{name:16s} {params}  [{origin('method', name)}]")
     elif args.what == "datasets":
         from mixbench.data import dataset_descriptions
 
@@ -162,7 +179,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _grid_from_args(args: argparse.Namespace):
     """The grid of `run` / `status`: the --config spec (if any) with the command-line flags over it."""
     from mixbench.grid import check_models, expand_spec, load_spec, spec_out
+    from mixbench.plugins import load_plugins
 
+    load_plugins(getattr(args, "plugins", None))  # before the method names are read
     spec = load_spec(args.config) if getattr(args, "config", None) else {}
     specs = expand_spec(spec, _run_overrides(args) if hasattr(args, "methods") else {})
     check_models(specs)
@@ -275,11 +294,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mixbench.evaluate import run_cli
+    from mixbench.plugins import load_plugins
 
+    load_plugins(args.plugins)  # suites of your own, before --suite is read
     return run_cli(args)
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "status": cmd_status, "report": cmd_report, "evaluate": cmd_evaluate}
+def cmd_new_method(args: argparse.Namespace) -> int:
+    from mixbench.scaffold import write_method
+
+    files = write_method(args.name, args.dir)
+    print("\n".join(f"wrote {f}" for f in files))
+    method, test = files
+    print(f"\nnext:\n  python -m pytest -q {test}\n"
+          f"  mixbench run --plugins {method} --methods vanilla,{args.name} --dataset digits --epochs 3")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "status": cmd_status, "report": cmd_report, "evaluate": cmd_evaluate,
+            "new-method": cmd_new_method}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

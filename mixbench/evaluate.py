@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from mixbench import UsageError
+from mixbench import UsageError, plugins
 from mixbench.results import atomic_write_bytes, atomic_write_json, is_complete, read_result
 
 # ---------------------------------------------------------------------------
@@ -497,7 +497,14 @@ SUITES: Dict[str, Callable[..., Dict[str, Any]]] = {}
 
 
 def register_suite(fn: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
-    SUITES[fn.__name__.replace("suite_", "")] = fn
+    """Function decorator: register ``suite_NAME(ctx: EvalContext, **options) -> dict`` as suite NAME.
+
+    Plugins register suites the same way (see :mod:`mixbench.plugins`); the returned mapping is
+    merged into result.json's ``eval[NAME]`` and its numbers appear in the report.
+    """
+    name = fn.__name__.replace("suite_", "")
+    plugins.note_registration("suite", name, fn)  # where it comes from; a plugin's clash is a UsageError
+    SUITES[name] = fn
     return fn
 
 
@@ -645,6 +652,7 @@ def _plot_contour(alphas: List[float], grid: List[List[float]], path: Path, spli
 
 def parse_suites(text: str) -> List[str]:
     """``all`` or a comma-separated list of suite names."""
+    plugins.load_entry_points()
     names = list(SUITES) if text.strip() == "all" else [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise UsageError("--suite is empty; give 'all' or a comma-separated list")

@@ -29,7 +29,9 @@ METRICS: Dict[str, Tuple[str, str]] = {
 }
 
 # Spec options that identify neither the protocol nor the cell (where and how fast a run went).
-_NOT_PROTOCOL = ("method", "method_params", "seed", "dataset", "model", "device", "data_dir", "download", "compile")
+# A plugin method's source hash identifies the method, not the protocol: its runs sit beside vanilla's.
+_NOT_PROTOCOL = ("method", "method_params", "seed", "dataset", "model", "device", "data_dir", "download", "compile",
+                 "method_source", "plugins")
 # Written by the launcher into a run folder before the run starts (with the error when it failed).
 _LAUNCH_FILE = "launch.json"
 # Eval metrics whose name matches this are better when lower (a lower Gini: wider filter use).

@@ -5,6 +5,7 @@ A spec is a mapping. Every key is optional::
     name: cifar100_preactresnet18      # free text, for people
     description: ...
     out: results/runs/cifar100         # default results folder (--out overrides)
+    plugins: [my_mix.py]               # methods/suites of your own: files (relative to the spec) or modules
     datasets: [cifar100]               # or `dataset: cifar100`
     models: [preactresnet18]           # or `model: ...` (default: the data set's)
     seeds: [0, 1, 2]                   # or `seed: 0`
@@ -42,12 +43,14 @@ import yaml
 from mixbench import UsageError
 from mixbench.data import normalise_dataset_name
 from mixbench.methods import get_method, list_methods
+from mixbench.plugins import load_plugins, split_refs
 from mixbench.spec import RunSpec
 
-META_KEYS = ("name", "description", "out", "metric")  # metric: the top-1 rule of `run`'s summary
+META_KEYS = ("name", "description", "out", "metric", "plugins")  # metric: the top-1 rule of `run`'s summary
 LIST_KEYS = {"methods": "method", "datasets": "dataset", "models": "model", "seeds": "seed"}
 _FIELDS = [f.name for f in dataclasses.fields(RunSpec)]
-OPTION_KEYS = [f for f in _FIELDS if f not in LIST_KEYS.values()]
+# `plugins` is a top-level key (imported before the spec is read); `method_source` is computed.
+OPTION_KEYS = [f for f in _FIELDS if f not in LIST_KEYS.values() and f not in ("plugins", "method_source")]
 _MERGED = ("method_params", "model_kwargs")
 
 
@@ -64,6 +67,11 @@ def load_spec(path: Path) -> Dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise UsageError(f"benchmark spec {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
+    if data.get("plugins") is not None:  # files relative to the spec's folder, imported before its methods are read
+        try:
+            data["plugins"] = load_plugins(data["plugins"], base=path.resolve().parent)
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
     check_spec(data, where=str(path))
     return data
 
@@ -160,8 +168,9 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
     ``overrides`` may hold run options and the list keys ``methods``, ``seeds``,
     ``datasets``/``dataset`` and ``models``/``model``.
     """
-    check_spec(spec)
     overrides = dict(overrides or {})
+    load_plugins(list(split_refs(spec.get("plugins"))) + list(split_refs(overrides.get("plugins"))))
+    check_spec(spec)
     method_overrides: Dict[str, Dict[str, Any]] = {}
     raw_methods = spec.get("methods", spec.get("method"))
     if isinstance(raw_methods, dict):

@@ -201,7 +201,7 @@ def _parallel_worker(first, queue, device: str, out: str, progress: bool, where:
     item = first
     while item is not None:
         label, spec_dict = item
-        spec = dataclasses.replace(RunSpec.from_dict(spec_dict), device=device)
+        spec = dataclasses.replace(RunSpec.from_record(spec_dict), device=device)  # imports the run's plugins
         run_dir = spec.run_dir(Path(out))
         run_dir.mkdir(parents=True, exist_ok=True)
         info = {**_local_launch_info(spec, device), "where": where}
@@ -393,7 +393,7 @@ class RunTask:
 
     def __call__(self) -> Dict[str, Any]:
         run_dir = Path(self.run_dir)
-        spec = RunSpec.from_dict(self.spec)
+        spec = RunSpec.from_record(self.spec)  # imports the run's plugins (recorded as absolute paths)
         if is_complete(run_dir):
             print(f"mixbench: {run_dir} is already complete, not trained again", flush=True)
         else:

@@ -3,7 +3,9 @@
 A RunSpec holds every option that can change a run's numbers. Its ``run_id``
 is a hash of those options, so the same grid always maps to the same run
 directories (which makes re-running a grid idempotent) and a changed option
-never silently reuses an old result.
+never silently reuses an old result. A method from a plugin (:mod:`mixbench.plugins`)
+adds the hash of its source file to the identity (``method_source``), so an edited
+method is a new run; built-in methods add nothing, which keeps their run ids.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from mixbench import UsageError
+from mixbench import UsageError, plugins
 from mixbench.data import check_data_options, dataset_slug, get_dataset_info
 from mixbench.losses import get_loss
 from mixbench.methods import get_method, list_methods
@@ -23,7 +25,7 @@ from mixbench.models import STEMS
 
 # Options that change where and how fast a run goes, not its numbers.
 _NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval", "filter_usage_every", "checkpoint_every_min",
-              "tensorboard")
+              "tensorboard", "plugins")
 _DATA_DEFAULTS = {"train_subset": None, "data_mode": "auto", "image_size": None}
 
 
@@ -63,6 +65,11 @@ class RunSpec:
     # the last epoch and a preemption signal always write one. Resume stays exact (epoch boundaries).
     checkpoint_every_min: float = 10.0
     tensorboard: bool = False  # TensorBoard event files of the per-epoch metrics in the run folder (mixbench.tblog)
+    # Plugin files (absolute paths) or modules that define this run's method or evaluation suites: a worker
+    # imports them before it trains (RunSpec.from_record). Filled by `resolved`; not part of the run id.
+    plugins: List[str] = field(default_factory=list)
+    # The hash of a plugin method's source file, part of the run id (None, and left out of it, for built-ins).
+    method_source: Optional[str] = None
 
     # -- construction ---------------------------------------------------
     @classmethod
@@ -73,9 +80,21 @@ class RunSpec:
             raise UsageError(f"unknown run option(s) {', '.join(bad)}; valid: {', '.join(sorted(names))}")
         return cls(**d)
 
+    @classmethod
+    def from_record(cls, d: Dict[str, Any]) -> "RunSpec":
+        """A recorded spec (launch record, Slurm task, spec.yaml) in a worker process: the plugins it
+        names are imported first, so that its method and suites are registered there too.
+
+        Every entry point that trains or evaluates a recorded spec in a new process goes through
+        here (local parallel workers, Slurm array tasks; data-parallel ranks must too).
+        """
+        plugins.load_plugins(d.get("plugins") or [])
+        return cls.from_dict(dict(d))
+
     def resolved(self) -> "RunSpec":
         """Fill unset options from the data set's defaults and check every value."""
         info = get_dataset_info(self.dataset)
+        given = plugins.load_plugins(self.plugins)
         get_method(self.method)
         spec = dataclasses.replace(self)
         for key, value in info.defaults.items():
@@ -86,6 +105,14 @@ class RunSpec:
         if spec.loss is None:
             spec.loss = "ce"
         spec.method_params = {**get_method(self.method).default_params(), **self.method_params}
+        needed = [("method", self.method)] + [("suite", str(s)) for s in (self.eval or [])]
+        spec.plugins = list(dict.fromkeys(given + plugins.refs_for(needed)))
+        source = plugins.source_hash("method", self.method)
+        if self.method_source is not None and source is not None and source != self.method_source:
+            raise UsageError(f"method {self.method!r}: its source ({plugins.origin('method', self.method)}) changed "
+                             f"since this run was planned (hash {self.method_source}, now {source}); run the grid "
+                             "again to plan the edited method as a new run")
+        spec.method_source = source
         spec.validate()
         return spec
 
@@ -125,8 +152,10 @@ class RunSpec:
 
     def identity(self) -> Dict[str, Any]:
         # Data options at their defaults stay out, so that adding them kept earlier run ids.
+        # So does a built-in method's empty method_source, which kept the run ids of built-in methods.
         return {k: v for k, v in self.to_dict().items()
-                if k not in _NOT_IN_ID and not (k in _DATA_DEFAULTS and v == _DATA_DEFAULTS[k])}
+                if k not in _NOT_IN_ID and not (k in _DATA_DEFAULTS and v == _DATA_DEFAULTS[k])
+                and not (k == "method_source" and v is None)}
 
     @property
     def run_id(self) -> str:
