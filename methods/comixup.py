@@ -65,7 +65,7 @@ window shrinks to the image side for images smaller than 8 pixels.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -444,11 +444,11 @@ class CoMixup(MixMethod):
         self._pool: Optional[ChunkPool] = None
 
     @classmethod
-    def available(cls) -> bool:
+    def available(cls, **params: Any) -> bool:
         return gco_available()
 
     @classmethod
-    def unavailable_reason(cls) -> str:
+    def unavailable_reason(cls, **params: Any) -> str:
         return install_hint("comixup")
 
     @property

@@ -181,3 +181,13 @@ def test_parallel_local_runs_one_worker_per_device(tmp_path):
     assert len(pids) == 2  # two worker processes
     # rerunning skips complete cells without starting workers
     assert len(run_parallel(cells, tmp_path, ["cpu", "cpu"], progress=False)) == 2
+
+
+def test_every_method_checks_availability_with_its_parameters():
+    from mixbench.methods import get_method, list_methods
+
+    for name in list_methods():
+        cls = get_method(name)
+        params = cls.default_params()
+        assert isinstance(cls.available(**params), bool)
+        assert "\n" not in cls.unavailable_reason(**params)
