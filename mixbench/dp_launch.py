@@ -49,6 +49,11 @@ def free_port() -> int:
 
 def _rank_main(spec_dict: Dict[str, Any], run_dir: str, progress: bool, desc: str, cpus: int) -> Dict[str, Any]:
     """One rank of a local data-parallel run (started by PyTorch's elastic launcher)."""
+    import signal
+
+    # A forked rank inherits the launcher's Python-level handlers, which could not run while the rank
+    # waits in a collective: when the launcher stops the ranks, SIGTERM ends them at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     init_worker(cpus)
     from mixbench.lock import RunLocked
     from mixbench.spec import RunSpec
@@ -64,6 +69,8 @@ def _rank_main(spec_dict: Dict[str, Any], run_dir: str, progress: bool, desc: st
     except RunLocked as exc:
         return {"status": "running", "error": str(exc)}
     except RunFailed as exc:
+        if int(os.environ["RANK"]) != 0:
+            raise  # a failure of another rank than the writer's: the launcher reports which one
         return {"status": "failed", "error": exc.result["error"]}
     finally:
         destroy_process_group()
@@ -125,10 +132,11 @@ def describe_failures(exc: Any, run_dir: Path) -> str:
                 how = f"killed by signal {-code}"
         else:
             how = f"exit code {code}"
-        message = ""
-        if isinstance(failure.message, dict):
-            message = str(failure.message.get("message", {}).get("message", "")).splitlines()[0:1]
-            message = f": {message[0]}" if message else ""
+        text = failure.message
+        while isinstance(text, dict):  # the error file's {"message": {"message": traceback, ...}}
+            text = text.get("message", "")
+        lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+        message = f": {lines[-1]}" if lines and not lines[-1].startswith("<N/A>") else ""
         parts.append(f"rank {rank} (pid {failure.pid}) {how}{message}")
     return (f"{run_dir}: data-parallel run stopped, " + "; ".join(parts)
             + "; the other ranks were stopped; rerun to resume from the last checkpoint")

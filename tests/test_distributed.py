@@ -1,0 +1,193 @@
+"""Data-parallel runs (mixbench.distributed): 2 CPU processes with Gloo against one process, every
+method in 2 processes, and kill -9 of one rank then a rerun."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixbench import UsageError
+from mixbench.dp_launch import RankFailed, launch_local
+from mixbench.methods import get_method, list_methods
+from mixbench.spec import RunSpec
+from mixbench.train import train_run
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_RESNET = dict(model="resnet18", model_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8})
+
+
+def _spec(**kw) -> RunSpec:
+    base = dict(method="vanilla", dataset="synthetic", epochs=1, batch_size=32, train_subset=64, device="cpu",
+                checkpoint_every_min=0)
+    return RunSpec.from_dict({**base, **kw}).resolved()
+
+
+def _weights(run_dir: Path):
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def test_single_process_run_ids_do_not_move():
+    one = _spec()
+    assert "nproc" not in one.identity() and "sync_bn" not in one.identity()
+    assert _spec(nproc=1, sync_bn=True).run_id == one.run_id  # sync_bn changes nothing in one process
+    assert _spec(nproc=2).run_id != one.run_id
+    assert _spec(nproc=2, sync_bn=True).run_id != _spec(nproc=2).run_id
+
+
+def test_bad_parallel_options_are_usage_errors():
+    with pytest.raises(UsageError, match="divisible by nproc 3"):
+        _spec(nproc=3)
+    with pytest.raises(UsageError, match="nproc must be a positive int"):
+        _spec(nproc=0)
+    with pytest.raises(UsageError, match="2-process run and this launch has 1"):
+        train_run(_spec(nproc=2), Path("/nonexistent-never-created"), progress=False)
+
+
+def test_two_ranks_with_sync_bn_equal_one_process_after_20_steps(tmp_path):
+    """Vanilla, synchronised BatchNorm, the same global batch of 32: 20 optimiser steps in 2 Gloo processes
+    end with the weights of one process (<= 1e-5), and the same test metrics."""
+    opts = dict(epochs=2, train_subset=320, lr=0.05, **SMALL_RESNET)  # 10 steps per epoch
+    two, one = _spec(nproc=2, sync_bn=True, **opts), _spec(**opts)
+    summary = launch_local(two, two.run_dir(tmp_path), progress=False)
+    assert summary["status"] == "complete"
+    torch.set_num_threads(1)
+    r1 = train_run(one, one.run_dir(tmp_path), progress=False)
+    r2 = json.loads((two.run_dir(tmp_path) / "result.json").read_text())
+    a, b = _weights(one.run_dir(tmp_path)), _weights(two.run_dir(tmp_path))
+    assert a.keys() == b.keys()
+    params = {k for k in a if "running" not in k and "num_batches" not in k}
+    worst = max((a[k] - b[k]).abs().max().item() for k in params)
+    assert worst <= 1e-5, worst
+    for k in a.keys() - params:  # running statistics: the global batch's, as in one process
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5), k
+    assert r2["final_top1"] == r1["final_top1"]
+    assert r2["final_test_loss"] == pytest.approx(r1["final_test_loss"], rel=1e-4)
+    assert r2["spec"]["nproc"] == 2 and r2["train_images_per_s"] > 0
+    # rank 0 alone wrote the run's files; the checkpoint is gone once the run is complete
+    files = sorted(p.name for p in two.run_dir(tmp_path).iterdir())
+    assert files == ["metrics.jsonl", "model.pt", "result.json", "spec.yaml"]
+    assert len((two.run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_checkpoint_holds_every_rank_state(tmp_path, monkeypatch):
+    """An interrupted 2-rank run leaves a checkpoint with both ranks' RNG, loader and method states."""
+    from mixbench import train
+
+    spec = _spec(nproc=2, method="mixup", epochs=2)
+    monkeypatch.setattr(train, "remove_checkpoint", lambda run_dir: None)  # the forked ranks inherit it
+    launch_local(spec, spec.run_dir(tmp_path), progress=False)
+    state = torch.load(spec.run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    for entry in state["ranks"]:
+        assert set(entry) == {"method", "loader", "rng"}
+    # one seed on every rank: the method's draws are identical across ranks, as in openmixup's DDP runs
+    assert state["ranks"][0]["method"]["rng"] == state["ranks"][1]["method"]["rng"]
+
+
+def _rank_pid(parent: int, rank: int):
+    """The pid of the process of ``rank`` among the descendants of ``parent`` (reads /proc)."""
+    todo, seen = [parent], []
+    while todo:
+        pid = todo.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        for c in map(int, children):
+            seen.append(c)
+            todo.append(c)
+    for pid in seen:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+def _cli(out: Path, *extra: str) -> list:
+    return [sys.executable, "-m", "mixbench", "run", "--methods", "mixup", "--dataset", "synthetic", "--epochs", "3",
+            "--batch-size", "32", "--train-subset", "640", "--device", "cpu", "--nproc-per-run", "2",
+            "--checkpoint-every-min", "0", "--no-progress", "--out", str(out), *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_then_rerun_is_identical(tmp_path):
+    """kill -9 of rank 1 mid-run: the launch stops with a line naming the rank and the signal; the rerun
+    resumes from the last checkpoint and ends exactly as an uninterrupted 2-process run."""
+    killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
+    victim = subprocess.Popen(_cli(killed_out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and victim.poll() is None:
+        metrics = list(killed_out.rglob("metrics.jsonl"))
+        if metrics and metrics[0].read_text().count("\n") >= 1:
+            pid = _rank_pid(victim.pid, 1)
+            if pid:
+                killed_at = metrics[0].read_text().count("\n")
+                os.kill(pid, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    out, err = victim.communicate(timeout=120)
+    assert killed_at is not None, err
+    assert victim.returncode != 0
+    assert "rank 1" in err and "SIGKILL" in err and "rerun to resume" in err, err
+    run_dir = next(killed_out.rglob("metrics.jsonl")).parent
+    assert not (run_dir / "result.json").exists() or json.loads((run_dir / "result.json").read_text())["status"] != "complete"
+    assert (run_dir / "checkpoint.pt").exists()
+
+    rerun = subprocess.run(_cli(killed_out), env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr
+    clean = subprocess.run(_cli(clean_out), env=_env(), capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    clean_dir = next(clean_out.rglob("result.json")).parent
+    a, b = json.loads((run_dir / "result.json").read_text()), json.loads((clean_dir / "result.json").read_text())
+    for key in ("final_top1", "final_test_loss", "best_top1"):
+        assert a[key] == b[key], key
+    wa, wb = _weights(run_dir), _weights(clean_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(line) for line in (clean_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train_loss"] for m in ma] == [m["train_loss"] for m in mb]
+
+
+def test_a_rank_that_raises_takes_the_run_down(tmp_path, monkeypatch):
+    from mixbench import train
+
+    real = train.evaluate
+
+    def evaluate(*args, **kwargs):
+        if os.environ.get("RANK") == "1":
+            raise RuntimeError("rank 1 fails here")
+        return real(*args, **kwargs)
+
+    spec = _spec(nproc=2)
+    monkeypatch.setattr(train, "evaluate", evaluate)  # the forked ranks inherit it
+    with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) exit code 1"):
+        launch_local(spec, spec.run_dir(tmp_path), progress=False)
+
+
+DIGITS_METHODS = [m for m in list_methods() if get_method(m).available() and m != "attentivemix"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", DIGITS_METHODS)
+def test_every_method_trains_in_two_processes_on_digits(tmp_path, method):
+    spec = RunSpec.from_dict(dict(method=method, dataset="digits", epochs=1, batch_size=32, train_subset=128,
+                                  device="cpu", nproc=2, sync_bn=True)).resolved()
+    assert launch_local(spec, spec.run_dir(tmp_path), progress=False)["status"] == "complete"
+    result = json.loads((spec.run_dir(tmp_path) / "result.json").read_text())
+    assert result["status"] == "complete" and result["spec"]["nproc"] == 2
