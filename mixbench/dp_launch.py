@@ -62,6 +62,7 @@ def _rank_main(spec_dict: Dict[str, Any], run_dir: str, progress: bool, desc: st
     spec = RunSpec.from_dict(spec_dict)
     device = init_process_group(spec.device)
     spec = dataclasses.replace(spec, device=str(device))
+    record_ranks(Path(run_dir))
     try:
         result = train_and_evaluate(spec, Path(run_dir), progress=progress and int(os.environ["RANK"]) == 0,
                                     desc=desc)
@@ -74,6 +75,20 @@ def _rank_main(spec_dict: Dict[str, Any], run_dir: str, progress: bool, desc: st
         return {"status": "failed", "error": exc.result["error"]}
     finally:
         destroy_process_group()
+
+
+def record_ranks(run_dir: Path) -> None:
+    """Add every rank's host and pid to the run's launch.json (``ranks``), written by rank 0."""
+    import torch.distributed as dist
+
+    from mixbench.launch import _record_launch, read_launch
+
+    mine = {"rank": dist.get_rank(), "host": socket.gethostname(), "pid": os.getpid()}
+    ranks: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _record_launch(run_dir, {**(read_launch(run_dir) or {}), "ranks": ranks})
 
 
 class RankFailed(RuntimeError):

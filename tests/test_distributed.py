@@ -91,25 +91,13 @@ def test_checkpoint_holds_every_rank_state(tmp_path, monkeypatch):
     assert state["ranks"][0]["method"]["rng"] == state["ranks"][1]["method"]["rng"]
 
 
-def _rank_pid(parent: int, rank: int):
-    """The pid of the process of ``rank`` among the descendants of ``parent`` (reads /proc)."""
-    todo, seen = [parent], []
-    while todo:
-        pid = todo.pop()
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            continue
-        for c in map(int, children):
-            seen.append(c)
-            todo.append(c)
-    for pid in seen:
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
-            return pid
+def _rank_pid(out: Path, rank: int):
+    """The pid of ``rank`` as the run's launch.json records it (None until rank 0 wrote it)."""
+    for path in out.rglob("launch.json"):
+        ranks = json.loads(path.read_text()).get("ranks") or []
+        for entry in ranks:
+            if entry["rank"] == rank:
+                return entry["pid"]
     return None
 
 
@@ -134,7 +122,7 @@ def test_kill_9_of_one_rank_then_rerun_is_identical(tmp_path):
     while time.time() < deadline and victim.poll() is None:
         metrics = list(killed_out.rglob("metrics.jsonl"))
         if metrics and metrics[0].read_text().count("\n") >= 1:
-            pid = _rank_pid(victim.pid, 1)
+            pid = _rank_pid(killed_out, 1)
             if pid:
                 killed_at = metrics[0].read_text().count("\n")
                 os.kill(pid, signal.SIGKILL)
