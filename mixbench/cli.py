@@ -238,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             folder = Path(profile.get("log_dir") or Path(out).resolve() / "slurm-logs")
             print(f"\n# {describe(specs)}; sbatch script:\n")
-            print(launch.sbatch_script(profile, folder, len(specs)))
+            print(launch.sbatch_script(profile, folder, len(specs), max(s.nproc for s in specs)))
         return 0
     if profile is not None:
         launch.submit_slurm(specs, out, profile)

@@ -42,7 +42,7 @@ What a data-parallel run does (:class:`Parallel`, used by :mod:`mixbench.train` 
   reports which rank failed and how; the next launch resumes from the last checkpoint.
 
 The launchers are in :mod:`mixbench.dp_launch`; every worker process starts in
-:func:`mixbench.dp_launch.init_worker`.
+:func:`init_worker`.
 """
 from __future__ import annotations
 
@@ -60,7 +60,21 @@ from torch import nn
 from mixbench import UsageError
 
 # ---------------------------------------------------------------------------
-# The process group
+# Worker start-up and the process group
+
+
+def init_worker(cpus: int) -> None:
+    """The first thing every worker process of a data-parallel run does (local ranks, torchrun ranks,
+    Slurm tasks), before it builds a run.
+
+    Gives this rank its share of the cores: torch's threads, ``MIXBENCH_CPUS`` (PuzzleMix's graph-cut
+    pool: one pool per rank) and ``MIXBENCH_WORKERS`` (the streaming loaders' workers). Code that must
+    run in every worker before a run is built (e.g. loading method plugins) belongs here.
+    """
+    cpus = max(1, int(cpus))
+    os.environ["MIXBENCH_CPUS"] = str(cpus)
+    os.environ.setdefault("MIXBENCH_WORKERS", str(min(8, cpus)))
+    torch.set_num_threads(cpus)
 
 
 def env_world() -> int:

@@ -1,7 +1,7 @@
 """Launchers of data-parallel runs (:mod:`mixbench.distributed`): on this machine with PyTorch's
 elastic launcher (torchrun's engine), as ranks of an external ``torchrun``, and as Slurm tasks.
 
-Every worker process of a data-parallel run first calls :func:`init_worker`.
+Every worker process of a data-parallel run first calls :func:`mixbench.distributed.init_worker`.
 """
 from __future__ import annotations
 
@@ -14,31 +14,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from mixbench.distributed import Parallel, destroy_process_group, init_process_group
-from mixbench.launch import available_cpus, train_and_evaluate
+from mixbench.distributed import Parallel, destroy_process_group, init_process_group, init_worker
+from mixbench.launch import available_cpus, record_ranks, train_and_evaluate
 
 
 # ---------------------------------------------------------------------------
 # Worker start-up
 
 
-def init_worker(cpus: Optional[int] = None) -> None:
-    """The first thing every worker process of a data-parallel run does (local, torchrun, Slurm).
-
-    Sets this rank's share of the cores (torch's threads, ``MIXBENCH_CPUS`` for PuzzleMix's
-    graph-cut pool and ``MIXBENCH_WORKERS`` for the streaming loaders, one pool per rank). Code that
-    must run in every worker before a run is built (e.g. loading method plugins) belongs here.
-    """
-    if cpus is None:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
-        cpus = max(1, available_cpus() // max(1, local))
-    os.environ["MIXBENCH_CPUS"] = str(cpus)
-    os.environ.setdefault("MIXBENCH_WORKERS", str(min(8, cpus)))
-    torch.set_num_threads(cpus)
-
-
-# ---------------------------------------------------------------------------
-# Launchers
+def local_cpus() -> int:
+    """This rank's share of the machine's cores: the available ones over the ranks on this machine."""
+    return max(1, available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
 
 
 def free_port() -> int:
@@ -75,20 +61,6 @@ def _rank_main(spec_dict: Dict[str, Any], run_dir: str, progress: bool, desc: st
         return {"status": "failed", "error": exc.result["error"]}
     finally:
         destroy_process_group()
-
-
-def record_ranks(run_dir: Path) -> None:
-    """Add every rank's host and pid to the run's launch.json (``ranks``), written by rank 0."""
-    import torch.distributed as dist
-
-    from mixbench.launch import _record_launch, read_launch
-
-    mine = {"rank": dist.get_rank(), "host": socket.gethostname(), "pid": os.getpid()}
-    ranks: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, mine)
-    if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _record_launch(run_dir, {**(read_launch(run_dir) or {}), "ranks": ranks})
 
 
 class RankFailed(RuntimeError):
@@ -163,7 +135,7 @@ def run_grid_as_rank(specs: Sequence[Any], out: Path, *, progress: bool = True) 
     from mixbench.results import read_result
     from mixbench.train import RunFailed
 
-    init_worker()
+    init_worker(local_cpus())
     device = init_process_group(specs[0].device if specs else "auto")
     par = Parallel.current()
     results = []
@@ -181,14 +153,6 @@ def run_grid_as_rank(specs: Sequence[Any], out: Path, *, progress: bool = True) 
     finally:
         destroy_process_group()
     return results
-
-
-def init_from_slurm() -> None:
-    """Export torch.distributed's environment from Slurm's (submitit's ``TorchDistributedEnvironment``:
-    rank 0's host as ``MASTER_ADDR``, a port derived from the job id, ranks from ``SLURM_PROCID``)."""
-    import submitit
-
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def under_external_launcher(environ: Optional[Dict[str, str]] = None) -> bool:
