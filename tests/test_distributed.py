@@ -179,3 +179,74 @@ def test_every_method_trains_in_two_processes_on_digits(tmp_path, method):
     assert launch_local(spec, spec.run_dir(tmp_path), progress=False)["status"] == "complete"
     result = json.loads((spec.run_dir(tmp_path) / "result.json").read_text())
     assert result["status"] == "complete" and result["spec"]["nproc"] == 2
+
+
+# ---------------------------------------------------------------------------
+# The ImageNet protocol: an ImageFolder tree of JPEGs, streamed and sharded
+
+
+def _imagenet_tree(root: Path, classes=("n01440764", "n01443537", "n01484850"), n_train=8, n_val=3) -> Path:
+    """A tiny tree in ImageNet's ImageFolder layout: root/{train,val}/<wnid>/<wnid>_<i>.JPEG, varied sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (36 + 3 * i, 44, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{c}_{i}.JPEG", "JPEG")
+    return root
+
+
+def test_streamed_shards_make_the_global_batch(tmp_path):
+    """Each rank decodes only its half of every global batch; together the halves are the batch of one process."""
+    from mixbench.data import StreamLoader, imagefolder_files
+
+    train, _ = imagefolder_files(_imagenet_tree(tmp_path / "imagenet"))
+    kw = dict(image_size=24, batch_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, device="cpu", train=True, seed=3,
+              num_workers=0)
+    whole = list(StreamLoader(train, **kw))
+    halves = []
+    for rank in (0, 1):
+        loader = StreamLoader(train, **kw)
+        loader.shard(rank, 2)
+        halves.append(list(loader))
+    assert len(whole) == len(halves[0]) == len(halves[1]) == 3
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *halves):
+        assert len(y0) == len(y1) == 4
+        assert torch.equal(torch.cat([y0, y1]), y) and torch.equal(torch.cat([x0, x1]), x)
+    with pytest.raises(UsageError, match="divisible"):
+        StreamLoader(train, **kw).shard(0, 3)
+
+
+def test_imagenet_spec_resolves_on_an_imagefolder_tree(tmp_path, capsys):
+    from mixbench.cli import main
+
+    tree = _imagenet_tree(tmp_path / "imagenet")
+    assert main(["run", "--config", str(REPO / "benchmarks" / "imagenet_resnet50.yaml"), "--data-dir", str(tree),
+                 "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" resnet50 ") == 5 and f"imagefolder:{tree}" in out and "# 5 runs" in out
+    from mixbench.grid import expand_spec, load_spec
+
+    specs = expand_spec(load_spec(REPO / "benchmarks" / "imagenet_resnet50.yaml"), {"data_dir": str(tree)})
+    s = specs[0]
+    assert (s.nproc, s.batch_size, s.epochs, s.milestones, s.lr, s.data_mode) == (4, 256, 300, [75, 150, 225], 0.1,
+                                                                                      "stream")
+
+
+def test_two_ranks_stream_an_imagefolder_tree(tmp_path):
+    """A 2-process run streaming JPEGs from an ImageFolder tree (decoding in DataLoader workers)."""
+    tree = _imagenet_tree(tmp_path / "imagenet")
+    spec = _spec(dataset=f"imagefolder:{tree}", data_mode="stream", image_size=32, batch_size=8, train_subset=None,
+                 nproc=2, method="cutmix", **SMALL_RESNET)
+    os.environ["MIXBENCH_WORKERS"] = "1"
+    try:
+        assert launch_local(spec, spec.run_dir(tmp_path / "out"), progress=False)["status"] == "complete"
+    finally:
+        os.environ.pop("MIXBENCH_WORKERS", None)
+    result = json.loads((spec.run_dir(tmp_path / "out") / "result.json").read_text())
+    assert result["status"] == "complete" and 0 <= result["final_top1"] <= 100
