@@ -182,9 +182,7 @@ class Parallel:
             except RunLocked as exc:
                 error = exc
         if self.broadcast(error is None and self.writer) is not True:
-            if error is not None:
-                raise error
-            raise RuntimeError(f"{run_dir}: rank 0 could not lock the run (another launcher holds it)")
+            raise error if error is not None else RunLocked(Path(run_dir) / "run.lock", None)  # held elsewhere
         try:
             yield
         finally:

@@ -72,7 +72,7 @@ def test_two_ranks_with_sync_bn_equal_one_process_after_20_steps(tmp_path):
     assert r2["spec"]["nproc"] == 2 and r2["train_images_per_s"] > 0
     # rank 0 alone wrote the run's files; the checkpoint is gone once the run is complete
     files = sorted(p.name for p in two.run_dir(tmp_path).iterdir())
-    assert files == ["metrics.jsonl", "model.pt", "result.json", "spec.yaml"]
+    assert files == ["launch.json", "metrics.jsonl", "model.pt", "result.json", "spec.yaml"]
     assert len((two.run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()) == 2
 
 
@@ -250,3 +250,20 @@ def test_two_ranks_stream_an_imagefolder_tree(tmp_path):
         os.environ.pop("MIXBENCH_WORKERS", None)
     result = json.loads((spec.run_dir(tmp_path / "out") / "result.json").read_text())
     assert result["status"] == "complete" and 0 <= result["final_top1"] <= 100
+
+
+def test_a_run_locked_by_another_launcher_is_left_alone(tmp_path):
+    spec = _spec(nproc=2)
+    run_dir = spec.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mixbench.lock import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)", str(run_dir)],
+                              env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        summary = launch_local(spec, run_dir, progress=False)
+        assert summary["status"] == "running" and "is locked by pid" in summary["error"]
+        assert not (run_dir / "result.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
