@@ -45,7 +45,7 @@ def _rank_main(spec_dict: Dict[str, Any], run_dir: str, progress: bool, desc: st
     from mixbench.spec import RunSpec
     from mixbench.train import RunFailed
 
-    spec = RunSpec.from_dict(spec_dict)
+    spec = RunSpec.from_record(spec_dict)  # imports the run's plugins in this (possibly spawned) rank
     device = init_process_group(spec.device)
     spec = dataclasses.replace(spec, device=str(device))
     record_ranks(Path(run_dir))
