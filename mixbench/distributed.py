@@ -27,7 +27,8 @@ What a data-parallel run does (:class:`Parallel`, used by :mod:`mixbench.train` 
   times per step (which synchronised BatchNorm needs). With N > 1 a sample's partner is always in
   its own shard: that, and batch-norm statistics per shard unless ``sync_bn``, are the differences
   from the single-process run.
-- **Gradients.** ``DistributedDataParallel`` averages them. The first training-mode forward with
+- **Gradients.** ``DistributedDataParallel`` averages them (a method's own trainable modules, outside
+  the model, have theirs averaged by one all-reduce before each optimiser step). The first training-mode forward with
   autograd of each optimiser step goes through DDP; other passes (saliency in eval mode, passes
   under ``no_grad``, a second forward of the same step) call the module directly, so DDP's
   reducer sees exactly one forward per backward (:class:`DataParallelModel`).
@@ -217,6 +218,12 @@ class Parallel:
         ddp = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
         wrapped = DataParallelModel(model, forward, ddp)
         optimizer.register_step_post_hook(lambda *_: wrapped.new_step())
+        # A method's own trainable modules (MixMethod.param_groups, e.g. AutoMix's mixing block) are outside
+        # the model, hence outside DDP: their gradients are averaged over the ranks before each step.
+        in_model = {id(p) for p in model.parameters()}
+        extra = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in in_model]
+        if extra:
+            optimizer.register_step_pre_hook(lambda *_: average_gradients(extra, self.world))
         return wrapped
 
     # -- data -----------------------------------------------------------------
@@ -289,6 +296,22 @@ class Parallel:
             raise UsageError(f"{run_dir}: its checkpoint was written by {saved} process(es) and this run has "
                              f"{self.world}; resume it with the same number of processes")
         return {**state, **state["ranks"][self.rank]}
+
+
+def average_gradients(params: List[torch.Tensor], world: int) -> None:
+    """Average the gradients of ``params`` over the ranks (one all-reduce); a parameter without a gradient
+    (on every rank alike: the ranks run the same steps) keeps none."""
+    have = [p for p in params if p.grad is not None]
+    if not have:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in have])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in have:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
 
 
 # ---------------------------------------------------------------------------
