@@ -267,3 +267,24 @@ def test_a_run_locked_by_another_launcher_is_left_alone(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_methods_own_modules_stay_equal_across_ranks(tmp_path, monkeypatch):
+    """AutoMix's mixing block is trained outside the model (outside DDP): its gradients are averaged over the
+    ranks, so after training both ranks hold the same block (and the same momentum encoder weights)."""
+    from mixbench import train
+
+    spec = _spec(nproc=2, method="automix", epochs=1, train_subset=128)
+    monkeypatch.setattr(train, "remove_checkpoint", lambda run_dir: None)  # the forked ranks inherit it
+    assert launch_local(spec, spec.run_dir(tmp_path), progress=False)["status"] == "complete"
+    state = torch.load(spec.run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
+    a, b = (entry["method"]["modules"] for entry in state["ranks"])
+    assert a.keys() == b.keys() and a
+    checked = 0
+    for name in a:
+        for key in a[name]:
+            if "running_" in key or "num_batches" in key:  # batch-norm statistics of each rank's own shard
+                continue
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+            checked += 1
+    assert checked
