@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the training checkpoint at the end of the first epoch MIN minutes after the "
                         "previous one; 0: every epoch (default: 10; the last epoch and a preemption signal "
                         "always checkpoint)")
+    p.add_argument("--nproc-per-run", dest="nproc", type=_positive_int, metavar="N",
+                   help="data-parallel: train each run in N processes (torch.distributed: NCCL on GPUs, one GPU "
+                        "each; Gloo on CPUs); the global batch stays --batch-size (default: 1)")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="with --nproc-per-run: batch norm over the global batch (synchronised BatchNorm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="write TensorBoard event files of every epoch's metrics into each run folder "
@@ -213,7 +218,7 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 _RUN_OPTION_FLAGS = (
     "dataset", "device", "data_dir", "download", "compile", "model", "epochs", "batch_size", "lr", "weight_decay",
     "schedule", "train_subset", "data_mode", "image_size", "filter_usage_every", "loss", "stem",
-    "checkpoint_every_min", "tensorboard",
+    "checkpoint_every_min", "tensorboard", "nproc", "sync_bn",
 )
 
 
@@ -233,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             folder = Path(profile.get("log_dir") or Path(out).resolve() / "slurm-logs")
             print(f"\n# {describe(specs)}; sbatch script:\n")
-            print(launch.sbatch_script(profile, folder, len(specs)))
+            print(launch.sbatch_script(profile, folder, len(specs), max(s.nproc for s in specs)))
         return 0
     if profile is not None:
         launch.submit_slurm(specs, out, profile)
@@ -242,8 +247,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mixbench.report import METRICS, summary_table
 
     metric = args.metric or (load_spec(args.config).get("metric") if args.config else None) or "final"
-    devices = launch.local_devices(specs)
-    if devices:
+    from mixbench import dp_launch
+
+    devices = [] if any(s.nproc > 1 for s in specs) else launch.local_devices(specs)
+    if dp_launch.under_external_launcher():  # one rank of torchrun: train the grid with the other ranks
+        results = dp_launch.run_grid_as_rank(specs, out, progress=not args.no_progress)
+        if int(os.environ.get("RANK", 0)) != 0:
+            return 0
+    elif any(s.nproc > 1 for s in specs):
+        results = dp_launch.run_grid_local(specs, out, progress=not args.no_progress)
+    elif devices:
         results = launch.run_parallel(specs, out, devices, progress=not args.no_progress)
     else:
         results = launch.run_local(specs, out, progress=not args.no_progress)

@@ -749,6 +749,14 @@ class StreamLoader:
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Yield only rank ``rank``'s contiguous ``1/world`` of each global batch (data-parallel runs);
+        the order and the augmentation seeds stay those of the global batch."""
+        if self.batch_size % world:
+            raise UsageError(f"batch_size {self.batch_size} must be divisible by the {world} processes of the run")
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         n = len(self.samples)
@@ -768,8 +776,12 @@ class StreamLoader:
             self.dataset.epoch_seed = int(torch.randint(0, 2**62, (), generator=self.generator))
         else:
             order = torch.arange(len(self.samples))
+        batch_size = self.batch_size
+        if self.world > 1 and self.train:
+            batch_size //= self.world
+            order = order.view(-1, self.world, batch_size)[:, self.rank].reshape(-1)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=order.tolist(), num_workers=self.num_workers,
+            self.dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
             prefetch_factor=4 if self.num_workers else None,
         )

@@ -287,7 +287,10 @@ PROFILE_KEYS: Dict[str, Tuple[type, str]] = {
     "partition": (str, "partition (sbatch --partition)"),
     "account": (str, "account to charge (--account)"),
     "qos": (str, "quality of service (--qos)"),
-    "gpus_per_node": (int, "GPUs per task (--gpus-per-node); 0 for CPU-only"),
+    "gpus_per_node": (int, "GPUs per node (--gpus-per-node); 0 for CPU-only; a data-parallel run "
+                           "(--nproc-per-run N) takes one task per GPU"),
+    "nodes": (int, "nodes per run (--nodes; default 1); a data-parallel run of N processes runs N / nodes "
+                   "tasks on each"),
     "cpus_per_task": (int, "CPU cores per task (--cpus-per-task)"),
     "mem_gb": (float, "memory per task in GB (--mem)"),
     "timeout_min": (int, "time limit per job in minutes (--time); a run that needs longer is requeued"),
@@ -365,12 +368,27 @@ def python_command(profile: Mapping[str, Any]) -> str:
     return profile.get("python") or shlex.quote(sys.executable)
 
 
-def sbatch_script(profile: Mapping[str, Any], folder: Path, n_tasks: int) -> str:
+def parallel_parameters(profile: Mapping[str, Any], nproc: int) -> Dict[str, Any]:
+    """The sbatch options of runs of ``nproc`` processes: ``nodes`` and one task per process on each."""
+    nodes = int(profile.get("nodes") or 1)
+    if nproc == 1 and nodes == 1:
+        return {}
+    if nproc % nodes:
+        raise UsageError(f"--nproc-per-run {nproc} does not split over the profile's {nodes} nodes")
+    per_node = nproc // nodes
+    gpus = profile.get("gpus_per_node")
+    if gpus and gpus != per_node:
+        raise UsageError(f"a run of {nproc} processes on {nodes} node(s) takes {per_node} GPU(s) per node "
+                         f"(one per process); the profile asks gpus_per_node: {gpus}")
+    return {"nodes": nodes, "ntasks_per_node": per_node}
+
+
+def sbatch_script(profile: Mapping[str, Any], folder: Path, n_tasks: int, nproc: int = 1) -> str:
     """The sbatch script a grid of ``n_tasks`` runs is submitted with (what `run --dry-run` prints)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = f"{python_command(profile)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-    params = slurm_parameters(profile)
+    params = {**slurm_parameters(profile), **parallel_parameters(profile, nproc)}
     if n_tasks > 1:
         params["map_count"] = n_tasks
     return _make_sbatch_string(command=command, folder=folder, **params)
@@ -394,6 +412,8 @@ class RunTask:
     def __call__(self) -> Dict[str, Any]:
         run_dir = Path(self.run_dir)
         spec = RunSpec.from_record(self.spec)  # imports the run's plugins (recorded as absolute paths)
+        if spec.nproc > 1:  # this task is one rank of a data-parallel run
+            return _summary(_train_slurm_rank(spec, run_dir))
         if is_complete(run_dir):
             print(f"mixbench: {run_dir} is already complete, not trained again", flush=True)
         else:
@@ -409,6 +429,43 @@ class RunTask:
         print(f"mixbench: signal received, requeueing; {self.run_dir} resumes from its last epoch checkpoint",
               file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(RunTask(self.spec, self.run_dir))
+
+
+def record_ranks(run_dir: Path) -> None:
+    """Add every rank's host and pid to a data-parallel run's launch.json (``ranks``), written by rank 0."""
+    import torch.distributed as dist
+
+    mine = {"rank": dist.get_rank(), "host": socket.gethostname(), "pid": os.getpid()}
+    ranks: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    if dist.get_rank() == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        _record_launch(run_dir, {**(read_launch(run_dir) or {}), "ranks": ranks})
+
+
+def _train_slurm_rank(spec: RunSpec, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """This Slurm task is one rank of ``spec``'s data-parallel run (one task per process): the rendezvous
+    from Slurm's environment (submitit's ``TorchDistributedEnvironment``: rank 0's host as
+    ``MASTER_ADDR``, a port derived from the job id, ranks from ``SLURM_PROCID``), this task's cores
+    (``SLURM_CPUS_PER_TASK``), then the run. Returns rank 0's result (None on the other ranks)."""
+    import submitit
+
+    from mixbench.distributed import destroy_process_group, init_process_group, init_worker
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    init_worker(int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or available_cpus())
+    device = init_process_group(spec.device)
+    spec = dataclasses.replace(spec, device=str(device))
+    rank = int(os.environ["RANK"])
+    try:
+        record_ranks(run_dir)
+        if rank == 0:
+            print(f"mixbench: training {spec.method} seed {spec.seed} in {run_dir}: {spec.nproc} processes, "
+                  f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({_job_env()})", flush=True)
+        result = train_and_evaluate(spec, run_dir, progress=rank == 0, desc=f"{spec.method} seed {spec.seed}")
+        return result if rank == 0 else None
+    finally:
+        destroy_process_group()
 
 
 def _job_env() -> str:
@@ -484,10 +541,13 @@ def submit_slurm(specs: Sequence[RunSpec], out: Path, profile: Mapping[str, Any]
         print("nothing to submit: every run is complete or already queued")
         return None
     todo = _download_once([s for s, _ in todo], [d for _, d in todo])
+    nprocs = {s.nproc for s, _ in todo}
+    if len(nprocs) > 1:
+        raise UsageError(f"one job array takes runs of one size; this grid mixes --nproc-per-run {sorted(nprocs)}")
     folder = Path(profile.get("log_dir") or out / "slurm-logs").resolve()
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(profile.get("max_num_timeout", 3)),
                                       python=python_command(profile))
-    executor.update_parameters(**slurm_parameters(profile))
+    executor.update_parameters(**slurm_parameters(profile), **parallel_parameters(profile, nprocs.pop()))
     with executor.batch():
         jobs = [executor.submit(RunTask(spec.to_dict(), str(run_dir))) for spec, run_dir in todo]
     for job, (spec, run_dir) in zip(jobs, todo):

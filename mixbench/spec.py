@@ -26,7 +26,7 @@ from mixbench.models import STEMS
 # Options that change where and how fast a run goes, not its numbers.
 _NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval", "filter_usage_every", "checkpoint_every_min",
               "tensorboard", "plugins")
-_DATA_DEFAULTS = {"train_subset": None, "data_mode": "auto", "image_size": None}
+_DATA_DEFAULTS = {"train_subset": None, "data_mode": "auto", "image_size": None, "nproc": 1, "sync_bn": False}
 
 
 @dataclass
@@ -70,6 +70,10 @@ class RunSpec:
     plugins: List[str] = field(default_factory=list)
     # The hash of a plugin method's source file, part of the run id (None, and left out of it, for built-ins).
     method_source: Optional[str] = None
+    # Data parallel (mixbench.distributed): processes of the run (the global batch stays batch_size), and
+    # batch norm over the global batch instead of each process's shard.
+    nproc: int = 1
+    sync_bn: bool = False
 
     # -- construction ---------------------------------------------------
     @classmethod
@@ -145,17 +149,23 @@ class RunSpec:
         if self.compile is not None and not isinstance(self.compile, bool):
             raise UsageError(f"compile must be true, false or unset (unset: on CUDA only), got {self.compile!r}")
         check_data_options(self.train_subset, self.data_mode, self.image_size)
+        positive("nproc", self.nproc)
+        if self.nproc > 1 and self.batch_size % self.nproc:
+            raise UsageError(f"batch_size {self.batch_size} must be divisible by nproc {self.nproc}")
+        if not isinstance(self.sync_bn, bool):
+            raise UsageError(f"sync_bn must be true or false, got {self.sync_bn!r}")
 
     # -- identity -------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     def identity(self) -> Dict[str, Any]:
-        # Data options at their defaults stay out, so that adding them kept earlier run ids.
-        # So does a built-in method's empty method_source, which kept the run ids of built-in methods.
+        # Data and data-parallel options at their defaults stay out, so that adding them kept earlier run ids;
+        # sync_bn changes nothing in one process. So does a built-in method's empty method_source, which kept
+        # the run ids of built-in methods.
         return {k: v for k, v in self.to_dict().items()
                 if k not in _NOT_IN_ID and not (k in _DATA_DEFAULTS and v == _DATA_DEFAULTS[k])
-                and not (k == "method_source" and v is None)}
+                and not (k == "method_source" and v is None) and not (k == "sync_bn" and self.nproc == 1)}
 
     @property
     def run_id(self) -> str:

@@ -51,14 +51,14 @@ from tqdm import tqdm
 
 from mixbench import UsageError
 from mixbench.checkpoint import (
-    Checkpointer, checkpoint_device, load_checkpoint, remove_checkpoint, remove_partial_writes, save_checkpoint,
+    Checkpointer, checkpoint_device, remove_checkpoint, remove_partial_writes, save_checkpoint,
 )
 from mixbench.data import DeviceLoader, make_loaders
 from mixbench.devices import resolve_device
+from mixbench.distributed import Parallel
 from mixbench.evaluate import filter_usage_during_training
 from mixbench.losses import Loss, get_loss
 from mixbench.methods import create_method
-from mixbench.lock import RunLock
 from mixbench.models import count_parameters, create_model
 from mixbench.results import (
     SCHEMA_VERSION,
@@ -230,7 +230,8 @@ def write_failed_result(
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "spec": spec.to_dict(),
     }
-    atomic_write_json(Path(run_dir) / "result.json", result)
+    if Parallel.current().writer:
+        atomic_write_json(Path(run_dir) / "result.json", result)
     return result
 
 
@@ -331,11 +332,14 @@ def train_run(spec: RunSpec, run_dir: Path, *, progress: bool = True, desc: Opti
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with RunLock(run_dir):
-        if is_complete(run_dir):
+    par = Parallel.current()  # one process, or this rank of a data-parallel run (mixbench.distributed)
+    par.check(spec)
+    with par.run_lock(run_dir):  # RunLock(run_dir), held by rank 0
+        if par.broadcast(is_complete(run_dir)):
             print(f"mixbench: {run_dir} was completed by another process", file=sys.stderr)
             return read_result(run_dir)
-        remove_partial_writes(run_dir)
+        if par.writer:
+            remove_partial_writes(run_dir)
         try:
             return _train(spec, run_dir, progress=progress, desc=desc)
         except (OSError, UsageError):
@@ -367,12 +371,15 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     channels_last = cuda and spec.channels_last
     # In-memory sets give DeviceLoaders, streamed image files StreamLoaders: the same interface.
     train_loader, test_loader = make_loaders(spec, device, channels_last=channels_last)
+    par = Parallel.current()
+    train_loader = par.shard_train(train_loader)  # each rank: its shard of every global batch
     info = train_loader.info
 
     model = create_model(
         spec.model, num_classes=info.num_classes, in_chans=info.in_chans, image_size=info.image_size,
         stem=spec.stem, **spec.model_kwargs,
     ).to(device)
+    model = par.prepare_model(model, spec, device)  # synchronised BatchNorm if asked
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = create_method(spec.method, **spec.method_params)
@@ -387,11 +394,12 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     optimizer = make_optimizer(model, spec, device, extra_groups=method.param_groups())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, spec, steps))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and spec.amp else contextlib.nullcontext
+    forward = par.wrap(model, forward, optimizer, device)  # DistributedDataParallel with several ranks
 
     # -- resume -----------------------------------------------------------------
     start_epoch, best_top1, best_epoch, elapsed = 0, -1.0, -1, 0.0
     metrics_path = run_dir / "metrics.jsonl"
-    state = load_checkpoint(run_dir)  # the newest good one; reports and skips corrupt files
+    state = par.load_checkpoint(run_dir)  # the newest good one (this rank's entries); skips corrupt files
     if state is not None:
         saved_on = checkpoint_device(state)
         if saved_on != device.type:
@@ -411,8 +419,9 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
         )
     # Metrics of epochs after the checkpoint (a crash between the two writes) are dropped.
     history = [m for m in read_jsonl(metrics_path) if m["epoch"] < start_epoch]
-    atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in history).encode())
-    atomic_write_yaml(run_dir / "spec.yaml", spec.to_dict())
+    if par.writer:
+        atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in history).encode())
+        atomic_write_yaml(run_dir / "spec.yaml", spec.to_dict())
     if start_epoch:
         print(f"mixbench: resuming {run_dir} from epoch {start_epoch}", file=sys.stderr)
     else:
@@ -427,8 +436,10 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
     )
     # Written every checkpoint_every_min minutes and at the last epoch; a preemption signal, an interrupt
     # or a failure writes the last finished epoch kept in memory (save_checkpoint looked up at call time).
-    checkpointer = Checkpointer(run_dir, spec.checkpoint_every_min, save=lambda d, s: save_checkpoint(d, s))
-    curves = EpochLog(run_dir, start_epoch, enabled=spec.tensorboard)  # TensorBoard, when asked for
+    # Other ranks write nothing; they take part in gathering their states for rank 0's checkpoint every epoch.
+    checkpointer = Checkpointer(run_dir, spec.checkpoint_every_min if par.writer else 0,
+                                save=(lambda d, s: save_checkpoint(d, s)) if par.writer else (lambda d, s: None))
+    curves = EpochLog(run_dir, start_epoch, enabled=spec.tensorboard and par.writer)  # TensorBoard, when asked for
     try:
         checkpointer.__enter__()
         for epoch in range(start_epoch, spec.epochs):
@@ -447,12 +458,14 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
                 scheduler.step()
                 step_losses[step] = loss.detach()  # stays on the device: no sync per step
                 bar.update(1)
-                if (step + 1) % NONFINITE_CHECK_EVERY == 0 and not bool(torch.isfinite(step_losses[:step + 1]).all()):
+                if (step + 1) % NONFINITE_CHECK_EVERY == 0 and not bool(
+                        torch.isfinite(par.mean(step_losses[:step + 1])).all()):  # every rank decides alike
                     break
             if cuda:
                 torch.cuda.synchronize(device)
             train_time = time.perf_counter() - t0
             train_cpu_time = time.process_time() - c0
+            step_losses = par.mean(step_losses)  # the global batch's loss
             train_loss = step_losses.sum().item() / steps
             if not math.isfinite(train_loss):
                 bad = (~torch.isfinite(step_losses)).nonzero()
@@ -462,7 +475,7 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
-                **evaluate(forward, test_loader, autocast),
+                **par.evaluate(evaluate, forward, test_loader, autocast),
                 **filter_usage_during_training(model, test_loader, spec, epoch),
                 "lr": optimizer.param_groups[0]["lr"],
                 "epoch_time_s": train_time,
@@ -472,7 +485,8 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
             elapsed += time.perf_counter() - t0
             if record["test_top1"] > best_top1:
                 best_top1, best_epoch = record["test_top1"], epoch
-            append_jsonl(metrics_path, record)
+            if par.writer:
+                append_jsonl(metrics_path, record)
             curves.log(record)
             history.append(record)
             checkpointer.epoch_end(lambda: {
@@ -482,6 +496,8 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
                 "scheduler": scheduler.state_dict(), "method": method.state_dict(),
                 "loader": train_loader.state_dict(),
                 "rng": rng_state(device),
+                **par.rank_states(lambda: {"method": method.state_dict(), "loader": train_loader.state_dict(),
+                                           "rng": rng_state(device)}),
             }, last=epoch + 1 == spec.epochs)
             bar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{record['test_top1']:.2f}", refresh=False)
     except OSError:
@@ -542,9 +558,10 @@ def _train(spec: RunSpec, run_dir: Path, *, progress: bool, desc: Optional[str])
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "spec": spec.to_dict(),
     }
-    weights = io.BytesIO()
-    torch.save(model.state_dict(), weights)
-    atomic_write_bytes(run_dir / "model.pt", weights.getvalue())
-    atomic_write_json(run_dir / "result.json", result)
-    remove_checkpoint(run_dir)
+    if par.writer:
+        weights = io.BytesIO()
+        torch.save(model.state_dict(), weights)
+        atomic_write_bytes(run_dir / "model.pt", weights.getvalue())
+        atomic_write_json(run_dir / "result.json", result)
+        remove_checkpoint(run_dir)
     return result

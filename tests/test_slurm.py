@@ -292,3 +292,28 @@ def test_preempted_run_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     assert is_complete(run_dir) and json.loads((run_dir / "result.json").read_text())["epochs"] == epochs
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(epochs))
     assert [c.state for c in grid_status([spec], tmp_path)] == ["done"]
+
+
+@pytest.mark.slurm
+def test_data_parallel_run_as_two_slurm_tasks(slurm_cluster, tmp_path, capsys):
+    """One cell of 2 processes through submitit: 2 tasks of one job (Gloo on the CPU), the rendezvous from
+    Slurm's environment, one result.json written by rank 0."""
+    assert main(["run", "--dataset", "synthetic", "--methods", "mixup", "--epochs", "2", "--batch-size", "32",
+                 "--train-subset", "128", "--device", "cpu", "--nproc-per-run", "2", "--sync-bn",
+                 "--executor", "slurm", "--profile", str(REPO / "slurm" / "local.yaml"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    job = re.search(r"submitted job (\d+)", out).group(1)
+    spec = RunSpec.from_dict({"method": "mixup", "dataset": "synthetic", "epochs": 2, "batch_size": 32,
+                              "train_subset": 128, "device": "cpu", "nproc": 2, "sync_bn": True}).resolved()
+    run_dir = spec.run_dir(tmp_path)
+    _wait(lambda: is_complete(run_dir), 240, "the 2-task job to finish")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "complete" and result["run_id"] == spec.run_id and result["spec"]["nproc"] == 2
+    assert [p.name for p in run_dir.iterdir() if "result" in p.name] == ["result.json"]
+    ranks = read_launch(run_dir).get("ranks") or []
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    logs = (tmp_path / "slurm-logs")
+    assert sorted(p.name for p in logs.glob(f"{job}_*_log.out")) == [f"{job}_0_log.out", f"{job}_1_log.out"]
+    text = (logs / f"{job}_0_log.out").read_text()
+    assert "2 processes, rendezvous " in text, text
+    assert read_launch(run_dir)["job_id"] == job

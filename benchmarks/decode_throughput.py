@@ -1,0 +1,96 @@
+"""Decoded training images per second, and per core, of the streaming ImageFolder loader.
+
+The loader of the ImageNet protocol (``mixbench.data.StreamLoader``): JPEG decoding, RandomResizedCrop
+and flip in DataLoader worker processes, uint8 batches to the training process. For each number of
+workers the table gives the wall-clock rate and the rate per CPU-second (the training process and its
+workers together: images per second per core, the number that sizes ``MIXBENCH_WORKERS`` and a
+node's cores per GPU on a shared machine).
+
+    python benchmarks/decode_throughput.py --data-dir /data/imagenet --workers 0,2,4,8 --batches 50
+    python benchmarks/decode_throughput.py --generate 512          # a generated ImageNet-like tree
+    python benchmarks/decode_throughput.py --generate 64 --batches 2 --json out.json   # a quick check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+
+def generate_tree(root: Path, n: int, classes: int = 8, size=(375, 500)) -> Path:
+    """``n`` random JPEGs of ImageNet's typical size in ImageFolder layout (train and a small val)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", max(classes, n // 10))):
+        for i in range(count):
+            folder = root / split / f"n{i % classes:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            # smooth random images compress like photographs, unlike white noise
+            small = rng.integers(0, 256, (size[0] // 25, size[1] // 25, 3), dtype=np.uint8)
+            Image.fromarray(small).resize(size[::-1], Image.BILINEAR).save(folder / f"{i}.JPEG", "JPEG", quality=90)
+    return root
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # workers, once they have exited
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(root: Path, workers: int, batches: int, batch_size: int, image_size: int) -> Dict[str, float]:
+    from mixbench.data import IMAGENET_MEAN, IMAGENET_STD, StreamLoader, imagefolder_files
+
+    train, _ = imagefolder_files(root)
+    if len(train) < batch_size:
+        raise SystemExit(f"{root}: {len(train)} training images, fewer than one batch of {batch_size}")
+    loader = StreamLoader(train, image_size=image_size, batch_size=batch_size, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD, device="cpu", train=True, num_workers=workers)
+    images, wall0, cpu0 = 0, time.perf_counter(), _cpu_seconds()
+    while images < batches * batch_size:
+        for x, _ in loader:
+            images += len(x)
+            if images >= batches * batch_size:
+                break
+    del x
+    wall = time.perf_counter() - wall0
+    time.sleep(0.2)  # let the exited workers be reaped, so that their CPU time is counted
+    cpu = _cpu_seconds() - cpu0
+    return {"workers": workers, "images": images, "wall_s": wall, "cpu_s": cpu,
+            "images_per_s": images / wall, "images_per_cpu_s": images / cpu if cpu > 0 else float("nan")}
+
+
+def main(argv: List[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, help="an ImageFolder tree (PATH/train/<class>/*.JPEG, PATH/val/...)")
+    p.add_argument("--generate", type=int, metavar="N", help="measure on N generated 500x375 JPEGs instead")
+    p.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts (default: 0,2)")
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    if (args.data_dir is None) == (args.generate is None):
+        p.error("give one of --data-dir PATH or --generate N")
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_dir or generate_tree(Path(tmp) / "imagenet", args.generate)
+        rows = [measure(root, w, args.batches, args.batch_size, args.image_size) for w in workers]
+    print(f"{'workers':>7} {'images':>7} {'wall s':>8} {'CPU s':>8} {'images/s':>9} {'images/s/core':>13}")
+    for r in rows:
+        print(f"{r['workers']:7d} {r['images']:7d} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['images_per_s']:9.1f} "
+              f"{r['images_per_cpu_s']:13.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
