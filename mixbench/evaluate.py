@@ -734,7 +734,7 @@ def check_options(suite: str, options: Dict[str, Any]) -> None:
             raise UsageError("loss_landscape needs directions >= 1, points >= 2 and contour_points >= 2")
 
 
-def find_run_dirs(paths: Iterable[Path]) -> List[Path]:
+def finished_run_dirs(paths: Iterable[Path]) -> List[Path]:
     """Run directories (a result.json beside a model.pt) at or below each path."""
     found: List[Path] = []
     for path in paths:
@@ -856,7 +856,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if suite not in suites:
             raise UsageError(f"--set gives options for {suite!r}, which is not among --suite {args.suite!r}")
         check_options(suite, options[suite])
-    run_dirs = find_run_dirs(args.paths)
+    run_dirs = finished_run_dirs(args.paths)
     for run_dir in run_dirs:
         evaluate_run(run_dir, suites, max_samples=args.max_samples, batch_size=args.batch_size,
                      device=args.device, seed=args.seed, options=options, cache_dir=args.cache_dir)

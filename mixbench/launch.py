@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mixbench import UsageError
+from mixbench.lock import process_alive
 from mixbench.results import is_complete, read_result
 from mixbench.spec import RunSpec
 
@@ -649,19 +650,17 @@ def cell_status(run_dir: Path, spec: Optional[Dict[str, Any]] = None,
     # local
     if launch.get("error"):
         return CellStatus("failed", spec, run_dir, f"{launch['error']} at {progress}")
-    if launch.get("host") == socket.gethostname() and _pid_alive(launch.get("pid")):
+    if launch.get("host") == socket.gethostname() and _recorded_pid_alive(launch.get("pid")):
         return CellStatus("running", spec, run_dir, f"pid {launch['pid']}, {progress}")
     return CellStatus("pending", spec, run_dir, f"stopped at {progress}; rerun to resume")
 
 
-def _pid_alive(pid: Any) -> bool:
+def _recorded_pid_alive(pid: Any) -> bool:
+    """Whether a pid read from a launch record names a live process (a missing or bad value does not)."""
     try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
+        return process_alive(int(pid))
+    except (TypeError, ValueError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def grid_status(specs: Optional[Sequence[RunSpec]], out: Path) -> List[CellStatus]:

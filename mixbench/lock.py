@@ -47,7 +47,7 @@ def _proc_start(pid: int) -> Optional[str]:
     return fields[19] if len(fields) > 19 else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host and is not a zombie."""
     try:
         os.kill(pid, 0)
@@ -180,7 +180,7 @@ class RunLock:
             return f"left by an earlier run of Slurm job {mine['job']}"
         pid = owner.get("pid")
         if owner.get("host") == socket.gethostname() and isinstance(pid, int):
-            if not _alive(pid):
+            if not process_alive(pid):
                 return f"pid {pid} is no longer running on this host"
             start = owner.get("proc_start")
             if start is not None and _proc_start(pid) not in (None, start):

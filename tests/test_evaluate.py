@@ -361,7 +361,7 @@ def test_evaluate_skips_unfinished_runs_below_a_folder(run_dir, tmp_path, capsys
     failed.mkdir(parents=True)
     (failed / "result.json").write_text(json.dumps({"status": "failed"}))
     with pytest.raises(UsageError, match="no finished runs"):
-        ev.find_run_dirs([tmp_path])
+        ev.finished_run_dirs([tmp_path])
     assert "skipping" in capsys.readouterr().err
     assert main(["evaluate", str(failed)]) == 2
     assert "is not a finished run" in capsys.readouterr().err
