@@ -28,6 +28,7 @@ the imports below put ``vanilla`` first.
 from ._registry import (
     MixMethod,
     MixOutput,
+    check_method_params,
     create_method,
     get_method,
     input_gradient_saliency,
@@ -59,6 +60,7 @@ from . import automix  # noqa: F401,E402
 __all__ = [
     "MixMethod",
     "MixOutput",
+    "check_method_params",
     "create_method",
     "get_method",
     "input_gradient_saliency",

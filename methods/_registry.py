@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -50,8 +50,8 @@ def get_method(name: str) -> Type["MixMethod"]:
                          "(a method of your own: --plugins FILE.py, see `mixbench new-method`)") from None
 
 
-def create_method(name: str, **params: Any) -> "MixMethod":
-    """Instantiate a registered method; unknown hyper-parameters are a usage error."""
+def check_method_params(name: str, params: Mapping[str, Any]) -> Type["MixMethod"]:
+    """The registered class of ``name``; unknown hyper-parameters in ``params`` are a usage error."""
     cls = get_method(name)
     valid = cls.default_params()
     bad = sorted(set(params) - set(valid))
@@ -59,7 +59,12 @@ def create_method(name: str, **params: Any) -> "MixMethod":
         raise UsageError(
             f"unknown parameter(s) {', '.join(bad)} for method {name!r}; valid: {', '.join(valid) or '(none)'}"
         )
-    return cls(**params)
+    return cls
+
+
+def create_method(name: str, **params: Any) -> "MixMethod":
+    """Instantiate a registered method; unknown hyper-parameters are a usage error."""
+    return check_method_params(name, params)(**params)
 
 
 @dataclass

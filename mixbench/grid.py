@@ -42,7 +42,7 @@ import yaml
 
 from mixbench import UsageError
 from mixbench.data import normalise_dataset_name
-from mixbench.methods import get_method, list_methods
+from mixbench.methods import check_method_params, get_method, list_methods
 from mixbench.plugins import load_plugins, split_refs
 from mixbench.spec import RunSpec
 
@@ -214,7 +214,7 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
             for layer in (base, g_spec, mo, g_method, cli):
                 _apply(options, layer)
             options["dataset"] = _normalise_dataset(str(options["dataset"]), options.get("data_dir"))
-            _check_method_params(method, options.get("method_params") or {})
+            check_method_params(method, options.get("method_params") or {})
             _check_available(method, options.get("method_params") or {})
             for seed in seeds:
                 cell = RunSpec.from_dict({**options, "seed": seed}).resolved()
@@ -227,15 +227,6 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
 
 def _normalise_dataset(name: str, data_dir: Optional[str]) -> str:
     return normalise_dataset_name(name, data_dir)
-
-
-def _check_method_params(method: str, params: Mapping[str, Any]) -> None:
-    valid = get_method(method).default_params()
-    bad = sorted(set(params) - set(valid))
-    if bad:
-        raise UsageError(
-            f"unknown parameter(s) {', '.join(bad)} for method {method!r}; valid: {', '.join(valid) or '(none)'}"
-        )
 
 
 def _every_available(spec: Mapping[str, Any], method_overrides: Mapping[str, Mapping[str, Any]]) -> List[str]:
