@@ -163,6 +163,16 @@ class RunSet:
     eval_keys: List[str] = field(default_factory=list)  # table metrics (flattened ``eval`` keys)
 
 
+def shown_path(path: Path) -> str:
+    """``path`` as the tables and CSV files show it: relative to the working directory when below it
+    (a committed report must not carry the machine's absolute paths), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def load_runs(roots: Iterable[Path]) -> RunSet:
     """Read every run below ``roots``. A missing folder or no run at all is a usage error."""
     import pandas as pd
@@ -188,10 +198,10 @@ def load_runs(roots: Iterable[Path]) -> RunSet:
             if not isinstance(r, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
-            problems.append({"run_dir": str(run_dir), "status": "unreadable", "reason": f"result.json: {exc}"})
+            problems.append({"run_dir": shown_path(run_dir), "status": "unreadable", "reason": f"result.json: {exc}"})
             continue
         status = r.get("status", "unknown")
-        base = {"run_dir": str(run_dir), "method": r.get("method"), "dataset": r.get("dataset"),
+        base = {"run_dir": shown_path(run_dir), "method": r.get("method"), "dataset": r.get("dataset"),
                 "model": r.get("model"), "seed": r.get("seed"), "epochs": r.get("epochs")}
         if status != "complete":
             reason = r.get("error") or r.get("reason") or f"status {status!r}"
@@ -247,7 +257,7 @@ def load_runs(roots: Iterable[Path]) -> RunSet:
             if launch.get("error"):
                 reason += f"; launcher: {launch['error']}"
             problems.append({
-                "run_dir": str(run_dir), "method": spec.get("method"), "dataset": spec.get("dataset"),
+                "run_dir": shown_path(run_dir), "method": spec.get("method"), "dataset": spec.get("dataset"),
                 "model": spec.get("model"), "seed": spec.get("seed"), "epochs": epochs,
                 "status": "incomplete",
                 "reason": reason,

@@ -281,6 +281,17 @@ def test_failed_and_incomplete_runs_are_listed_not_averaged(results, tmp_path):
     assert float(summary[("vanilla", "top1")]["std"]) == pytest.approx(2.0)
 
 
+def test_paths_below_the_working_directory_are_shown_relative(results, tmp_path, monkeypatch):
+    failed = make_run(results, "mixup", 7, 10.0, status="failed")
+    monkeypatch.chdir(tmp_path)  # a committed report must not carry the machine's absolute paths
+    write_report([Path("runs")], Path("report"), formats=["md", "csv"], plots=False)
+    md = (tmp_path / "report" / "table.md").read_text()
+    assert f"- runs/{failed.relative_to(results).as_posix()}: failed" in md and str(tmp_path) not in md
+    with open(tmp_path / "report" / "runs.csv") as f:
+        dirs = [r["run_dir"] for r in csv.DictReader(f)]
+    assert dirs and all(d.startswith("runs/") for d in dirs)
+
+
 def test_duplicate_copies_of_a_run_count_once(results, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(results / "digits" / "net" / "vanilla", copy)
