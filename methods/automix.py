@@ -34,8 +34,8 @@ One step (``forward``), in the reference's order:
    ``lam_bb <= lam_margin`` or ``1 - lam_bb <= lam_margin``;
 4. ``x_mb = x * m_mb[:, 0] + x[perm_mb] * m_mb[:, 1]`` and the same for ``bb``;
 5. the losses: the momentum model on ``x_mb`` against ``lam_mb`` mixed targets
-   (its weights frozen: trains the MixBlock only), the model on the clean batch
-   against ``y`` (openmixup's ``head_one_q``), the model on ``x_bb`` against
+   (its weights frozen: trains the MixBlock only), the model's features of the
+   clean batch through ``head_one`` against ``y`` (openmixup's ``head_one_q``), the model on ``x_bb`` against
    ``lam_bb`` mixed targets (returned as ``logits``/``target``), and
    ``mask_loss * max(|1 - mean(m_mb[:, 1]) - lam_mb| - margin, 0)``;
 6. after the optimizer step (``after_step``): ``k = m * k + (1 - m) * q`` over
@@ -43,11 +43,14 @@ One step (``forward``), in the reference's order:
 
 Deviations from openmixup (also in the README):
 
-- One classifier: openmixup's ``AutoMixup`` gives the encoder two linear heads
-  (``head_one_q`` for the clean batch, ``head_mix_q`` for the mixed one) and the
-  momentum model their averages; here the model's own classifier takes both
-  losses and the momentum model is a copy of the whole model. The equality test
-  runs openmixup with one shared head.
+- Two classifiers, as openmixup's ``head_one_q`` (clean batch) and ``head_mix_q``
+  (mixed batch): the model's own classifier is ``head_mix_q``; the method owns
+  ``head_one`` (a copy of the model's ``get_classifier()`` module, re-initialised
+  N(0, 0.01)), swapped in for the clean pass by a forward hook on the model's
+  classifier. The momentum model is a copy of the whole model (``backbone_k`` +
+  ``head_mix_k``; openmixup's ``head_one_k`` serves only its test reports). One
+  shared classifier for both losses gets twice the gradient and diverged on the
+  digits benchmark at lr 0.1, as vanilla does at lr 0.2.
 - The momentum model's feature pass stops at stage ``mask_layer`` (openmixup runs
   the whole backbone and keeps the stage's output): the same feature, less work;
   only the running batch-norm statistics of the momentum model's later stages
@@ -223,7 +226,9 @@ class AutoMix(MixMethod):
         self.mix_block_momentum = mix_block_momentum
         self.mix_block: Optional[PixelMixBlock] = None
         self.momentum_model: Optional[nn.Module] = None
+        self.head_one: Optional[nn.Module] = None
         self._tap: Dict[str, Any] = {}
+        self._one: Dict[str, Any] = {"armed": False}
 
     # -- the method's own modules ------------------------------------------------
     def bind(self, model: nn.Module) -> None:
@@ -248,6 +253,26 @@ class AutoMix(MixMethod):
         self.momentum_model = k
         self._tap = {"armed": False, "out": None}
         module.register_forward_hook(self._tap_hook)
+        # openmixup's head_one_q: the clean batch's own classifier (the model's is head_mix_q). Registered
+        # on the model after the momentum copy was taken, so that the copy has no such hook.
+        fc = net.get_classifier() if hasattr(net, "get_classifier") else None
+        if not isinstance(fc, (nn.Linear, nn.Conv2d)) or fc.bias is None:
+            raise UsageError(f"automix needs a timm model whose get_classifier() is an nn.Linear (or a 1x1 "
+                             f"nn.Conv2d) with a bias, got {type(fc).__name__} for {type(net).__name__}")
+        head = copy.deepcopy(fc)
+        with torch.no_grad():  # openmixup's ClsHead.init_weights(init_linear='normal', std=0.01, bias=0)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g).to(head.weight) * 0.01)
+            head.bias.zero_()
+        head._forward_hooks.clear()
+        self.head_one = head
+        self._one = {"armed": False}
+        fc.register_forward_hook(self._head_one_hook)
+
+    def _head_one_hook(self, module, inputs, output):
+        if self._one["armed"]:
+            self._one["fired"] = True
+            return self.head_one(inputs[0])
+        return None
 
     def _tap_hook(self, module, inputs, output):
         if self._tap["armed"]:
@@ -266,10 +291,24 @@ class AutoMix(MixMethod):
         out, self._tap["out"] = self._tap["out"], None
         return out
 
+    def clean_logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's features of ``x`` through ``head_one`` (openmixup's ``head_one_q``) instead of the
+        model's classifier (``head_mix_q``): one forward pass of ``model`` with its classifier's output
+        replaced."""
+        self._one.update(armed=True, fired=False)
+        try:
+            logits = model(x)
+        finally:
+            self._one["armed"] = False
+        if not self._one["fired"]:
+            raise RuntimeError("automix: the model's classifier did not run head_one; call the method with "
+                               "the model it was bound to (bind(model))")
+        return logits
+
     def owned_modules(self) -> Dict[str, nn.Module]:
         if self.mix_block is None:
             return {}
-        return {"mix_block": self.mix_block, "momentum_model": self.momentum_model}
+        return {"mix_block": self.mix_block, "momentum_model": self.momentum_model, "head_one": self.head_one}
 
     def param_groups(self) -> List[Dict[str, Any]]:
         self._check_bound()
@@ -278,7 +317,8 @@ class AutoMix(MixMethod):
             group["lr"] = self.mix_block_lr
         if self.mix_block_momentum is not None:
             group["momentum"] = self.mix_block_momentum
-        return [group]
+        # head_one_q trains with the run's options, as the model's own parameters (openmixup: one group).
+        return [group, {"params": list(self.head_one.parameters())}]
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
@@ -338,6 +378,6 @@ class AutoMix(MixMethod):
             extra = extra + mixed["mask_loss"]
         # The encoder: the clean batch (head_one_q), then its mixed batch (head_mix_q), as forward_q.
         if self.one_hot_weight > 0:
-            extra = extra + self.one_hot_weight * _soft_ce(model(x), y)
+            extra = extra + self.one_hot_weight * _soft_ce(self.clean_logits(model, x), y)
         logits = model(mixed["x_bb"])
         return MixOutput(logits, mix_targets(y, perm_bb, lam_bb), extra)

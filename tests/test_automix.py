@@ -142,6 +142,45 @@ def test_gradients_reach_the_mix_block_and_the_model_but_not_the_momentum_model(
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.mix_block.parameters())
     assert all(p.grad is None for p in method.momentum_model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.head_one.parameters())
+
+
+@pytest.mark.parametrize("kind", ["preact", "resnet18", "efficientnet"])
+def test_the_clean_loss_has_its_own_classifier(kind):
+    """openmixup's head_one_q: the clean batch's loss reaches the backbone but not the model's classifier
+    (head_mix_q, trained by the mixed batch only). Summing both losses on one classifier gives it twice
+    the gradient, which diverged on the digits benchmark at lr 0.1 (test loss 3.6e7 after one epoch)."""
+    model = build(kind)
+    method = bound(model, seed=2)
+    fc = model.get_classifier()
+    x, y = batch(6)
+    rng = copy.deepcopy(method.rng)
+    out = method(model, x, y)
+    total_loss(out).backward()
+    fc_grad = [p.grad.clone() for p in fc.parameters()]
+    # the clean term alone: the model's features through head_one, the model's classifier untouched
+    model.zero_grad()
+    clean = method.clean_logits(model, x)
+    pooled = {}
+    handle = fc.register_forward_pre_hook(lambda m, args: pooled.setdefault("x", args[0]))
+    with torch.no_grad():
+        own_logits = model(x)
+    handle.remove()
+    expected = method.head_one(pooled["x"]).flatten(1)
+    torch.testing.assert_close(clean, expected)
+    assert not torch.allclose(clean, own_logits)
+    soft_cross_entropy(clean, y).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in fc.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # the model's classifier gets the mixed batch's gradient only
+    model.zero_grad()
+    lam_mb, lam_bb = rng.beta(2.0, 2.0, 2)
+    perm_bb, perm_mb = torch.from_numpy(rng.permutation(6)), torch.from_numpy(rng.permutation(6))
+    with torch.no_grad():
+        mixed = method.mix(x, method.stage_feature(x), lam_mb, lam_bb, perm_mb, perm_bb)
+    soft_cross_entropy(model(mixed["x_bb"]), lam_bb * y + (1 - lam_bb) * y[perm_bb]).backward()
+    for a, p in zip(fc_grad, fc.parameters()):
+        torch.testing.assert_close(a, p.grad)
 
 
 def test_momentum_model_follows_the_eager_modules_mode_behind_a_compiled_wrapper():
@@ -197,16 +236,17 @@ def test_checkpoint_round_trip_continues_identically():
         opt.step()
         a.after_step(model, step, 10)
     state = copy.deepcopy(a.state_dict())
-    assert set(state["modules"]) == {"mix_block", "momentum_model"}
+    assert set(state["modules"]) == {"mix_block", "momentum_model", "head_one"}
 
-    b = bound(copy.deepcopy(model), seed=123)  # other seed: other MixBlock init, other draws
+    model_b = copy.deepcopy(model)
+    b = bound(model_b, seed=123)  # other seed: other MixBlock init, other draws
     assert not torch.equal(b.mix_block.query.weight, a.mix_block.query.weight)
     b.load_state_dict(state)
-    for name in ("mix_block", "momentum_model"):
+    for name in ("mix_block", "momentum_model", "head_one"):
         sa, sb = a.owned_modules()[name].state_dict(), b.owned_modules()[name].state_dict()
         assert all(torch.equal(sa[key], sb[key]) for key in sa)
     with torch.no_grad():
-        oa, ob = a(model, x, y), b(model, x, y)
+        oa, ob = a(model, x, y), b(model_b, x, y)
     assert torch.equal(oa.logits, ob.logits) and torch.equal(oa.extra_loss, ob.extra_loss)
     with pytest.raises(RuntimeError, match="bind"):
         unbound = create_method("automix")
@@ -251,7 +291,8 @@ class _ConvModule(nn.Module):
 
 
 class _Backbone(nn.Module):
-    """The model as an openmixup backbone: ``[stage output, logits]`` (``out_indices=(mask_layer, -1)``)."""
+    """The model without its classifier as an openmixup backbone: ``[stage output, pooled features]``
+    (``out_indices=(mask_layer, -1)``; the classifier is openmixup's head)."""
 
     def __init__(self, model, stage):
         super().__init__()
@@ -267,19 +308,22 @@ class _Backbone(nn.Module):
         pass
 
     def forward(self, x):
-        logits = self.model(x)
-        return [self._out.pop("h"), logits]
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return [self._out.pop("h"), pooled]
 
 
 class _Head(nn.Module):
-    """The model's own classifier is in the backbone: the head passes the logits on, and its loss is
-    openmixup's ClsMixupHead with CrossEntropyLoss(use_soft=False): lam * CE(y_a) + (1 - lam) * CE(y_b)."""
+    """openmixup's ClsHead/ClsMixupHead around a copy of a classifier (``fc``, set after building): its
+    loss is CrossEntropyLoss(use_soft=False): lam * CE(y_a) + (1 - lam) * CE(y_b)."""
 
     def init_weights(self, **kwargs):
         pass
 
     def forward(self, x):
-        return [x[-1]]
+        f = x[-1]
+        if isinstance(self.fc, nn.Conv2d):  # timm's ResNetV2: a 1x1 convolution on the pooled map
+            return [self.fc(f[:, :, None, None]).flatten(1)]
+        return [self.fc(f)]
 
     def loss(self, pred, labels):
         if isinstance(labels, tuple):
@@ -372,6 +416,13 @@ def reference_model(automix, model, method, mask_layer=2, mask_adjust=0.0):
         alpha=2.0, momentum=0.999, mask_layer=mask_layer, mask_loss=0.1, mask_adjust=mask_adjust,
         lam_margin=0.08, mask_up_override=None, debug=False,
     )
+    fc = model.get_classifier()
+    for name, source in (("head_mix_q", fc), ("head_mix_k", fc), ("head_one_q", method.head_one),
+                         ("head_one_k", method.head_one)):
+        head = copy.deepcopy(source)
+        head._forward_hooks.clear()
+        head.requires_grad_(name.endswith("_q"))
+        getattr(ref, name).fc = head
     with torch.no_grad():
         ref.mix_block.value.weight.copy_(method.mix_block.value.weight)
         ref.mix_block.value.bias.copy_(method.mix_block.value.bias)
@@ -423,8 +474,14 @@ def test_training_steps_match_openmixup(monkeypatch, kind, side, n):
     hook.before_run(runner)
     x, y = batch(n, side=side, seed=n)
     labels = y.argmax(1)
-    ours_params = list(ours_model.parameters()) + list(method.mix_block.parameters())
-    ref_params = list(ref.backbone_q.parameters()) + list(ref.mix_block.parameters())
+    def split(net):  # the parameters without the classifier's, and the classifier's
+        fc = {id(p) for p in net.get_classifier().parameters()}
+        return [p for p in net.parameters() if id(p) not in fc], list(net.get_classifier().parameters())
+
+    ours_params = sum(split(ours_model), []) + list(method.mix_block.parameters()) + list(method.head_one.parameters())
+    ref_params = (split(ref.backbone_q.model)[0] + list(ref.head_mix_q.fc.parameters())
+                  + list(ref.mix_block.parameters()) + list(ref.head_one_q.fc.parameters()))
+    assert len(ours_params) == len(ref_params)
     for step in (0, 1, 2):  # steps 0, 1 keep the base momentum; step 2 (>= int(0.1 * 20)) follows the cosine
         rng = copy.deepcopy(method.rng)
         lam = rng.beta(2.0, 2.0, 2)
@@ -449,7 +506,8 @@ def test_training_steps_match_openmixup(monkeypatch, kind, side, n):
         method.after_step(ours_model, step, 20)
         hook.after_train_iter(runner)
         assert ref.momentum == pytest.approx(am.momentum_at(step, 20, 0.999, 0.999999, 0.1), abs=0)
-        for a, b in zip(method.momentum_model.parameters(), ref.backbone_k.parameters()):
+        ref_k = split(ref.backbone_k.model)[0] + list(ref.head_mix_k.fc.parameters())
+        for a, b in zip(sum(split(method.momentum_model), []), ref_k):
             assert torch.equal(a, b)
     assert ref.momentum != 0.999
 
@@ -466,12 +524,14 @@ def test_harness_checkpoint_holds_the_method_modules_and_their_optimizer_group(t
                                   train_subset=96, device="cpu", checkpoint_every_min=0)).resolved()
     train.train_run(spec, tmp_path / "run", progress=False)
     s = captured[-1]
-    assert set(s["method"]["modules"]) == {"mix_block", "momentum_model"}
+    assert set(s["method"]["modules"]) == {"mix_block", "momentum_model", "head_one"}
     groups = s["optimizer"]["param_groups"]
-    assert len(groups) == 2 and len(groups[1]["params"]) == 4  # the MixBlock: value and query, weight and bias
-    assert groups[1]["lr"] == groups[0]["lr"] and groups[1]["weight_decay"] == groups[0]["weight_decay"]
-    assert all(i in s["optimizer"]["state"] for i in groups[1]["params"])  # its momentum buffers
-    assert len(s["scheduler"]["base_lrs"]) == 2
+    assert len(groups) == 3 and len(groups[1]["params"]) == 4  # the MixBlock: value and query, weight and bias
+    assert len(groups[2]["params"]) == 2  # head_one_q: weight and bias
+    for g in groups[1:]:
+        assert g["lr"] == groups[0]["lr"] and g["weight_decay"] == groups[0]["weight_decay"]
+        assert all(i in s["optimizer"]["state"] for i in g["params"])  # its momentum buffers
+    assert len(s["scheduler"]["base_lrs"]) == 3
 
 
 @pytest.mark.slow
