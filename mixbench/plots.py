@@ -105,7 +105,9 @@ def _save(fig, out: Path, stem: str) -> List[Path]:
     return paths
 
 
-def _panels(n: int, width: float = 5.5, height: float = 4.0):
+def _panels(n: int, width: float = 5.5, height: float = 4.0, *, bars: int = 0):
+    """``n`` panels, three to a row; a panel of ``bars`` bars gets about 0.42 inch per bar."""
+    width = max(width, 0.42 * bars + 1.5)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
@@ -163,15 +165,23 @@ def _bars(ax, summary: pd.DataFrame, rows: Sequence[str], colors, *, zoom: bool,
         ax.set_ylim(max(0.0, lo - 0.5 * span), hi + 0.35 * span)
     else:
         ax.set_ylim(0, hi * 1.25 if hi > 0 else 1.0)
+    many = len(x) > 8  # upright labels overlap: one rotated line per bar
     for xi, m, e, n in zip(x, means, yerr, summary["n"]):
-        ax.annotate(f"{m:{fmt}}\n(n={int(n)})", (xi, m + e), ha="center", va="bottom", fontsize="small",
-                    xytext=(0, 2), textcoords="offset points")
+        ax.annotate(f"{m:{fmt}} (n={int(n)})" if many else f"{m:{fmt}}\n(n={int(n)})", (xi, m + e),
+                    ha="center", va="bottom", fontsize="x-small" if many else "small",
+                    rotation=90 if many else 0, xytext=(0, 2), textcoords="offset points")
+    if many and len(x):  # room above the bars for the rotated labels
+        if zoom:
+            span = max(hi - lo, 1.0)
+            ax.set_ylim(max(0.0, lo - 0.5 * span), hi + 0.9 * span)
+        elif hi > 0:
+            ax.set_ylim(0, hi * 1.6)
 
 
 def plot_top1(agg: pd.DataFrame, out: Path, rows, colors, metric: str, metric_words: str) -> List[Path]:
     top = agg[agg["quantity"] == "top1"]
     groups = sorted(top["column"].unique())
-    fig, axes = _panels(len(groups))
+    fig, axes = _panels(len(groups), bars=top.groupby("column")["row"].nunique().max())
     for ax, g in zip(axes, groups):
         _bars(ax, top[top["column"] == g], rows, colors, zoom=True, fmt=".2f")
         ax.set_title(f"{g}: test top-1 {metric_words}")
@@ -185,7 +195,7 @@ def plot_time(agg: pd.DataFrame, out: Path, rows, colors, basis: Optional[Dict[s
 
     basis = basis or {}
     groups = sorted(agg["column"].unique())
-    fig, axes = _panels(len(groups))
+    fig, axes = _panels(len(groups), bars=agg.groupby("column")["row"].nunique().max())
     drawn = False
     for ax, g in zip(axes, groups):
         sub = agg[agg["column"] == g]
