@@ -67,7 +67,7 @@ Deviations from openmixup (also in the README):
   own lr and SGD momentum (openmixup's ``paramwise_options``, e.g. its WRN config).
 - The MixBlock's initial weights come from the method's seeded generator
   (openmixup: torch's global RNG), so binding does not shift the run's other
-  draws; the momentum model runs eagerly when the model is compiled.
+  draws; the whole method (the model's two passes too) runs eagerly when the model is compiled.
 
 Cost: five network passes per step (the momentum model's partial feature pass,
 its forward and input-only backward, the model's forward and backward on the
@@ -363,6 +363,11 @@ class AutoMix(MixMethod):
 
     def forward(self, model, x, y):
         self._check_bound()
+        # Under torch.compile both of the model's passes run its eager module (the wrapper keeps it as
+        # ``_orig_mod``; other wrappers, e.g. DDP, are kept): a compiled graph does not see the flag of
+        # the clean pass's classifier hook, and an eager pass next to a compiled one in the same step
+        # fails the backward (the compiled graph's batch-norm buffer updates bump their versions).
+        model = getattr(model, "_orig_mod", model)
         n = x.shape[0]
         lam_mb, lam_bb, perm_bb, perm_mb, adjust = self.draw(n)
         perm_bb = torch.from_numpy(perm_bb).to(x.device, non_blocking=True)
