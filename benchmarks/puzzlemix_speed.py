@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mixbench.losses import soft_cross_entropy
-from mixbench.methods import create_method
+from mixbench.methods import MixOutput, create_method
 from mixbench.methods import puzzlemix as pm
 from mixbench.models import create_model
 
@@ -144,7 +144,7 @@ def main() -> None:
         step(fn)
         return time.perf_counter() - t0
 
-    vanilla, puzzle = (lambda: (model(x), y)), (lambda: method(model, x, y))
+    vanilla, puzzle = (lambda: MixOutput(model(x), y)), (lambda: method(model, x, y))
     timed_step(vanilla), timed_step(puzzle)  # warm-up
     # Alternate the two step by step so that changes in the machine's load hit both alike.
     t_vanilla, t_puzzle = [], []
