@@ -363,11 +363,13 @@ class AutoMix(MixMethod):
 
     def forward(self, model, x, y):
         self._check_bound()
-        # Under torch.compile both of the model's passes run its eager module (the wrapper keeps it as
-        # ``_orig_mod``; other wrappers, e.g. DDP, are kept): a compiled graph does not see the flag of
-        # the clean pass's classifier hook, and an eager pass next to a compiled one in the same step
-        # fails the backward (the compiled graph's batch-norm buffer updates bump their versions).
-        model = getattr(model, "_orig_mod", model)
+        # Under torch.compile both of the model's passes run its eager module (torch.compile's wrapper
+        # keeps it as ``_orig_mod``; the data-parallel wrapper, which also has one, is kept so that the
+        # gradients stay synchronised): a compiled graph does not see the flag of the clean pass's
+        # classifier hook, and an eager pass next to a compiled one in the same step fails the backward
+        # (the compiled graph's batch-norm buffer updates bump their versions).
+        if getattr(model, "compiled_wrapper", False) or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
         n = x.shape[0]
         lam_mb, lam_bb, perm_bb, perm_mb, adjust = self.draw(n)
         perm_bb = torch.from_numpy(perm_bb).to(x.device, non_blocking=True)

@@ -117,6 +117,8 @@ class CompiledModel(torch.nn.Module):
     ``_orig_mod`` (what :func:`mixbench.hooks.unwrap` returns), and its attributes through this one.
     """
 
+    compiled_wrapper = True  # methods that must run the eager module look for this (e.g. AutoMix)
+
     def __init__(self, model: torch.nn.Module, compiled: Any, memory_format: torch.memory_format):
         super().__init__()
         self._orig_mod = model
