@@ -223,13 +223,13 @@ _RUN_OPTION_FLAGS = (
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mixbench import launch
     from mixbench.grid import describe
+    from mixbench.launchers import slurm
 
     if args.profile and args.executor != "slurm":
         raise UsageError(f"--profile {str(args.profile)!r} needs --executor slurm")
     specs, out = _grid_from_args(args)
-    profile = launch.load_profile(args.profile) if args.executor == "slurm" else None
+    profile = slurm.load_profile(args.profile) if args.executor == "slurm" else None
     if args.dry_run:
         for s in specs:
             print(f"{s.method:16s} {s.dataset:10s} {str(s.model):20s} seed {s.seed}  {s.run_dir(out)}")
@@ -238,28 +238,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             folder = Path(profile.get("log_dir") or Path(out).resolve() / "slurm-logs")
             print(f"\n# {describe(specs)}; sbatch script:\n")
-            print(launch.sbatch_script(profile, folder, len(specs), max(s.nproc for s in specs)))
+            print(slurm.sbatch_script(profile, folder, len(specs), max(s.nproc for s in specs)))
         return 0
     if profile is not None:
-        launch.submit_slurm(specs, out, profile)
+        slurm.submit_slurm(specs, out, profile)
         return 0
     from mixbench.grid import load_spec
     from mixbench.report import METRICS, summary_table
 
     metric = args.metric or (load_spec(args.config).get("metric") if args.config else None) or "final"
-    from mixbench import dp_launch
+    from mixbench.launchers import data_parallel, local
 
-    devices = [] if any(s.nproc > 1 for s in specs) else launch.local_devices(specs)
-    if dp_launch.under_external_launcher():  # one rank of torchrun: train the grid with the other ranks
-        results = dp_launch.run_grid_as_rank(specs, out, progress=not args.no_progress)
+    devices = [] if any(s.nproc > 1 for s in specs) else local.local_devices(specs)
+    if data_parallel.under_external_launcher():  # one rank of torchrun: train the grid with the other ranks
+        results = data_parallel.run_grid_as_rank(specs, out, progress=not args.no_progress)
         if int(os.environ.get("RANK", 0)) != 0:
             return 0
     elif any(s.nproc > 1 for s in specs):
-        results = dp_launch.run_grid_local(specs, out, progress=not args.no_progress)
+        results = data_parallel.run_grid_local(specs, out, progress=not args.no_progress)
     elif devices:
-        results = launch.run_parallel(specs, out, devices, progress=not args.no_progress)
+        results = local.run_parallel(specs, out, devices, progress=not args.no_progress)
     else:
-        results = launch.run_local(specs, out, progress=not args.no_progress)
+        results = local.run_local(specs, out, progress=not args.no_progress)
     print()
     print(summary_table(results, metric=METRICS[metric][0]))
     print(f"\nresults in {out}")
@@ -270,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mixbench.launch import format_status, grid_status
+    from mixbench.launchers.status import format_status, grid_status
 
     if args.config and args.results:
         out = args.results

@@ -42,7 +42,7 @@ What a data-parallel run does (:class:`Parallel`, used by :mod:`mixbench.train` 
 - **Failures.** A rank that dies takes the run down: the launcher stops the other ranks and
   reports which rank failed and how; the next launch resumes from the last checkpoint.
 
-The launchers are in :mod:`mixbench.dp_launch`; every worker process starts in
+The launchers are in :mod:`mixbench.launchers.data_parallel`; every worker process starts in
 :func:`init_worker`.
 """
 from __future__ import annotations

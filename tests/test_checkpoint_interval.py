@@ -9,7 +9,7 @@ import torch
 import mixbench.checkpoint as ckpt
 import mixbench.train as train
 from mixbench.checkpoint import Checkpointer, load_checkpoint
-from mixbench.launch import RunTask
+from mixbench.launchers.slurm import RunTask
 from mixbench.spec import RunSpec
 from mixbench.train import train_run
 

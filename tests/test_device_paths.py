@@ -13,7 +13,7 @@ import mixbench.train as train
 from mixbench import UsageError
 from mixbench.checkpoint import checkpoint_device, load_checkpoint, save_checkpoint
 from mixbench.cli import main
-from mixbench.launch import _environment, available_cpus, worker_environment
+from mixbench.launchers.local import _environment, available_cpus, worker_environment
 from mixbench.methods import input_gradient_saliency
 from mixbench.methods import puzzlemix as pm
 from mixbench.models import create_model

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mixbench import UsageError
-from mixbench.dp_launch import RankFailed, launch_local
+from mixbench.launchers.data_parallel import RankFailed, launch_local
 from mixbench.methods import get_method, list_methods
 from mixbench.spec import RunSpec
 from mixbench.train import train_run

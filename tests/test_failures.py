@@ -16,7 +16,7 @@ import torch
 import mixbench.checkpoint as checkpoint
 import mixbench.train as train
 from mixbench.cli import main
-from mixbench.launch import run_local
+from mixbench.launchers.local import run_local
 from mixbench.lock import LOCK_NAME, RunLock, RunLocked, _proc_start
 from mixbench.methods import MixMethod, MixOutput
 from mixbench.methods._registry import _METHODS

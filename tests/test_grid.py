@@ -10,7 +10,8 @@ import yaml
 from mixbench import UsageError
 from mixbench.cli import main
 from mixbench.grid import describe, expand_spec, load_spec
-from mixbench.launch import read_launch, run_parallel
+from mixbench.launchers.local import run_parallel
+from mixbench.launchers.record import read_launch
 from mixbench.results import is_complete
 from mixbench.spec import RunSpec, parse_methods
 

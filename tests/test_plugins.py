@@ -21,7 +21,8 @@ import yaml
 
 from mixbench import UsageError, plugins
 from mixbench.cli import main
-from mixbench.launch import read_launch, run_parallel
+from mixbench.launchers.local import run_parallel
+from mixbench.launchers.record import read_launch
 from mixbench.methods import get_method, list_methods
 from mixbench.methods._registry import _METHODS
 from mixbench.results import is_complete, read_result

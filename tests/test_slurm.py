@@ -20,16 +20,9 @@ import pytest
 
 from mixbench import UsageError
 from mixbench.cli import main
-from mixbench.launch import (
-    RunTask,
-    cell_status,
-    format_status,
-    grid_status,
-    load_profile,
-    read_launch,
-    sbatch_script,
-    submit_slurm,
-)
+from mixbench.launchers.record import read_launch
+from mixbench.launchers.slurm import RunTask, load_profile, sbatch_script, submit_slurm
+from mixbench.launchers.status import cell_status, format_status, grid_status
 from mixbench.results import atomic_write_json, find_results, is_complete
 from mixbench.spec import RunSpec, expand_grid, parse_methods
 
