@@ -38,19 +38,19 @@ class Killed(BaseException):
 @pytest.fixture
 def harness(monkeypatch):
     """A fake clock that advances MINUTES_PER_EPOCH per epoch, a log of checkpoint writes, and an action
-    run at the end of a chosen epoch's evaluation (before its checkpoint decision)."""
+    run at the end of a chosen epoch's test metrics (before its checkpoint decision)."""
     clock = Clock()
     monkeypatch.setattr(ckpt, "_clock", clock)
     writes, actions = [], {}
-    real_save, real_eval = train.save_checkpoint, train.evaluate
+    real_save, real_metrics = train.save_checkpoint, train.test_metrics
     epoch = [0]
 
     def save(run_dir, state):
         writes.append(state["epoch"])
         real_save(run_dir, state)
 
-    def evaluate(*args, **kwargs):
-        out = real_eval(*args, **kwargs)
+    def test_metrics(*args, **kwargs):
+        out = real_metrics(*args, **kwargs)
         clock.now += MINUTES_PER_EPOCH * 60
         action = actions.pop(epoch[0], None)
         epoch[0] += 1
@@ -63,7 +63,7 @@ def harness(monkeypatch):
         writes.clear()
 
     monkeypatch.setattr(train, "save_checkpoint", save)
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "test_metrics", test_metrics)
     return {"writes": writes, "actions": actions, "reset": reset, "clock": clock}
 
 

@@ -155,15 +155,15 @@ def test_kill_9_of_one_rank_then_rerun_is_identical(tmp_path):
 def test_a_rank_that_raises_takes_the_run_down(tmp_path, monkeypatch):
     from mixbench import train
 
-    real = train.evaluate
+    real = train.test_metrics
 
-    def evaluate(*args, **kwargs):
+    def test_metrics(*args, **kwargs):
         if os.environ.get("RANK") == "1":
             raise RuntimeError("rank 1 fails here")
         return real(*args, **kwargs)
 
     spec = _spec(nproc=2)
-    monkeypatch.setattr(train, "evaluate", evaluate)  # the forked ranks inherit it
+    monkeypatch.setattr(train, "test_metrics", test_metrics)  # the forked ranks inherit it
     with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) exit code 1"):
         launch_local(spec, spec.run_dir(tmp_path), progress=False)
 
@@ -230,9 +230,10 @@ def test_imagenet_spec_resolves_on_an_imagefolder_tree(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count(" resnet50 ") == 5 and f"imagefolder:{tree}" in out and "# 5 runs" in out
-    from mixbench.grid import expand_spec, load_spec
+    from mixbench.benchmark import expand_benchmark, load_benchmark
 
-    specs = expand_spec(load_spec(REPO / "benchmarks" / "imagenet_resnet50.yaml"), {"data_dir": str(tree)})
+    benchmark = load_benchmark(REPO / "benchmarks" / "imagenet_resnet50.yaml")
+    specs = expand_benchmark(benchmark, {"data_dir": str(tree)})
     s = specs[0]
     assert (s.nproc, s.batch_size, s.epochs, s.milestones, s.lr, s.data_mode) == (4, 256, 300, [75, 150, 225], 0.1,
                                                                                       "stream")

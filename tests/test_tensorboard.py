@@ -147,13 +147,13 @@ def test_kill_9_and_resume_give_one_point_per_epoch(tmp_path):
     assert fu and all(steps == [0, 2, 4] for steps in fu.values()), fu
 
 
-def test_spec_option_and_flag():
+def test_benchmark_option_and_flag():
     from mixbench.cli import _run_overrides, build_parser
-    from mixbench.grid import check_spec, expand_spec
+    from mixbench.benchmark import check_benchmark, expand_benchmark
 
-    spec = {"dataset": "synthetic", "methods": ["mixup"], "tensorboard": True}
-    check_spec(spec)
-    assert [s.tensorboard for s in expand_spec(spec, {})] == [True]
+    benchmark = {"dataset": "synthetic", "methods": ["mixup"], "tensorboard": True}
+    check_benchmark(benchmark)
+    assert [s.tensorboard for s in expand_benchmark(benchmark, {})] == [True]
     args = build_parser().parse_args(["run", "--tensorboard"])
     assert _run_overrides(args)["tensorboard"] is True
     assert "tensorboard" not in _run_overrides(build_parser().parse_args(["run"]))
