@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import first_checkpoint, kill_9_when
 from mixbench import UsageError
 from mixbench.launchers.data_parallel import RankFailed, launch_local
 from mixbench.methods import get_method, list_methods
@@ -117,19 +116,15 @@ def test_kill_9_of_one_rank_then_rerun_is_identical(tmp_path):
     resumes from the last checkpoint and ends exactly as an uninterrupted 2-process run."""
     killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
     victim = subprocess.Popen(_cli(killed_out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    killed_at = None
-    while time.time() < deadline and victim.poll() is None:
-        metrics = list(killed_out.rglob("metrics.jsonl"))
-        if metrics and (metrics[0].parent / "checkpoint.pt.sha256").exists():  # epoch 0 is checkpointed
-            pid = _rank_pid(killed_out, 1)
-            if pid:
-                killed_at = metrics[0].read_text().count("\n")
-                os.kill(pid, signal.SIGKILL)
-                break
-        time.sleep(0.05)
+
+    def rank_1_after_the_first_checkpoint():
+        run_dir = first_checkpoint(killed_out)
+        pid = run_dir and _rank_pid(killed_out, 1)
+        return pid and (pid, (run_dir / "metrics.jsonl").read_text().count("\n"))
+
+    _, killed_at = kill_9_when(victim, rank_1_after_the_first_checkpoint, timeout=300, pid=lambda found: found[0])
     out, err = victim.communicate(timeout=120)
-    assert killed_at is not None and killed_at < 3, err
+    assert killed_at < 3, err
     assert victim.returncode != 0
     assert "rank 1" in err and "SIGKILL" in err and "rerun to resume" in err, err
     run_dir = next(killed_out.rglob("metrics.jsonl")).parent
