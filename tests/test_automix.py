@@ -514,6 +514,7 @@ def test_training_steps_match_openmixup(monkeypatch, kind, side, n):
 
 # -- training in the harness: checkpoints and an exact resume after kill -9 ----------------------------
 
+@pytest.mark.slow
 def test_harness_checkpoint_holds_the_method_modules_and_their_optimizer_group(tmp_path, monkeypatch):
     import mixbench.train as train
     from mixbench.spec import RunSpec

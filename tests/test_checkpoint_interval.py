@@ -82,6 +82,7 @@ def assert_same(a, b):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_a_long_interval_checkpoints_only_at_the_last_epoch(tmp_path, harness):
     train_run(spec_(checkpoint_every_min=1e6), tmp_path / "run", progress=False)
     assert harness["writes"] == [EPOCHS]
@@ -93,6 +94,7 @@ def test_a_long_interval_checkpoints_only_at_the_last_epoch(tmp_path, harness):
     assert harness["writes"] == [3, 5]
 
 
+@pytest.mark.slow
 def test_a_kill_resumes_from_the_last_written_epoch_and_ends_equal(tmp_path, harness, monkeypatch, capsys):
     ref = tmp_path / "ref"
     train_run(spec_(checkpoint_every_min=0), ref, progress=False)
@@ -119,6 +121,7 @@ def test_a_kill_resumes_from_the_last_written_epoch_and_ends_equal(tmp_path, har
     assert_same(ref, run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["signal", "interrupt"])
 def test_preemption_writes_the_last_finished_epoch(tmp_path, harness, capsys, how):
     ref = tmp_path / "ref"

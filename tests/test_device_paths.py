@@ -156,6 +156,7 @@ def test_worker_environment_pins_one_gpu_and_shares_the_cores():
         worker_environment(2, 3, environ={"CUDA_VISIBLE_DEVICES": "0,1"})
 
 
+@pytest.mark.slow
 def test_a_spawned_worker_inherits_its_environment_and_the_parent_keeps_its_own(monkeypatch):
     import multiprocessing as mp
 

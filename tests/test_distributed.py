@@ -49,6 +49,7 @@ def test_bad_parallel_options_are_usage_errors():
         train_run(_spec(nproc=2), Path("/nonexistent-never-created"), progress=False)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_sync_bn_equal_one_process_after_20_steps(tmp_path):
     """Vanilla, synchronised BatchNorm, the same global batch of 32: 20 optimiser steps in 2 Gloo processes
     end with the weights of one process (<= 1e-5), and the same test metrics."""
@@ -75,6 +76,7 @@ def test_two_ranks_with_sync_bn_equal_one_process_after_20_steps(tmp_path):
     assert len((two.run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_every_rank_state(tmp_path, monkeypatch):
     """An interrupted 2-rank run leaves a checkpoint with both ranks' RNG, loader and method states."""
     from mixbench import train
@@ -147,6 +149,7 @@ def test_kill_9_of_one_rank_then_rerun_is_identical(tmp_path):
     assert [m["train_loss"] for m in ma] == [m["train_loss"] for m in mb]
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_takes_the_run_down(tmp_path, monkeypatch):
     from mixbench import train
 
@@ -234,6 +237,7 @@ def test_imagenet_spec_resolves_on_an_imagefolder_tree(tmp_path, capsys):
                                                                                       "stream")
 
 
+@pytest.mark.slow
 def test_two_ranks_stream_an_imagefolder_tree(tmp_path):
     """A 2-process run streaming JPEGs from an ImageFolder tree (decoding in DataLoader workers)."""
     tree = _imagenet_tree(tmp_path / "imagenet")
@@ -265,6 +269,7 @@ def test_a_run_locked_by_another_launcher_is_left_alone(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_methods_own_modules_stay_equal_across_ranks(tmp_path, monkeypatch):
     """AutoMix's mixing block is trained outside the model (outside DDP): its gradients are averaged over the
     ranks, so after training both ranks hold the same block (and the same momentum encoder weights)."""

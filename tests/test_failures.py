@@ -77,6 +77,7 @@ def run_dir_of(out, method):
 # ---------------------------------------------------------------------------
 # non-finite loss
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("check_every", [2, 100])
 def test_nan_loss_fails_the_run_and_the_grid_goes_on(tmp_path, monkeypatch, capsys, test_methods, check_every):
     # 128 images / batch 32 = 4 steps per epoch: step 7 is epoch 1, step 3. With check_every=2 the
@@ -119,6 +120,7 @@ def test_nan_loss_fails_the_run_and_the_grid_goes_on(tmp_path, monkeypatch, caps
         assert json.loads((bad / "result.json").read_text())["error"].endswith(where)
 
 
+@pytest.mark.slow
 def test_an_error_inside_a_run_fails_that_run_only(tmp_path, capsys, test_methods):
     out = tmp_path / "runs"
     rc = main(["run", "--methods", "test_boom,vanilla", "--epochs", "1", "--out", str(out), *GRID])
@@ -169,6 +171,7 @@ def test_read_only_out(tmp_path, monkeypatch, capsys):
     assert not list(out.iterdir())
 
 
+@pytest.mark.slow
 def test_disk_full_during_training_stops_the_grid_with_one_line(tmp_path, monkeypatch, capsys):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

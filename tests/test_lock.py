@@ -127,6 +127,7 @@ def test_launcher_skips_a_cell_running_elsewhere_and_takes_it_once_free(tmp_path
     assert "taking over the stale lock" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_concurrent_launchers_train_every_cell_exactly_once(tmp_path):
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "mixbench", "run", "--methods", "vanilla,mixup", "--seeds", "0,1", "--epochs", "1",

@@ -146,6 +146,7 @@ def test_checkpoint_captures_every_state(tmp_path, monkeypatch):
     assert "rng" in s["method"] and "generator" in s["loader"]
 
 
+@pytest.mark.slow
 def test_crash_between_metrics_and_checkpoint_then_truncated_checkpoint(tmp_path, monkeypatch, capsys):
     """Crash right after epoch 2's metrics line, before its checkpoint; then damage the newest checkpoint.
 
@@ -196,6 +197,7 @@ RUN = ("--methods", "mixup", "--dataset", "synthetic", "--train-subset", "192", 
        "--seeds", "1", "--device", "cpu", "--checkpoint-every-min", "0", "--no-progress")
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_rerun_is_identical(tmp_path):
     ref_proc = mixbench_run(tmp_path / "ref", *RUN, cwd=tmp_path)
     victim = mixbench_run(tmp_path / "run", *RUN, cwd=tmp_path)
