@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["cosine", "multistep"])
     p.add_argument("--loss", choices=["ce", "bce"],
                    help="ce: soft-target cross-entropy; bce: BCELoss(softmax), the PuzzleMix code's "
-                        "(default: the data set's: bce on CIFAR and Tiny-ImageNet, else ce)")
+                        "(default: the data set's: bce on CIFAR, Tiny-ImageNet and digits, else ce)")
     p.add_argument("--stem", choices=["auto", "cifar", "cifar-s2", "imagenet"],
                    help="first layers: cifar (3x3 stride 1), cifar-s2 (3x3 stride 2), imagenet (timm's); "
                         "default: the data set's, else auto (cifar at 64 px or less)")

@@ -175,7 +175,7 @@ _PAPER_DEFAULTS = dict(model="preactresnet18", batch_size=100, weight_decay=1e-4
 
 register_dataset(DatasetInfo(
     "digits", 10, DIGITS_SIZE, 3, (0.5,) * 3, (0.5,) * 3, crop_padding=2, flip=False, load=_load_digits,
-    defaults=dict(model="preactresnet18_w16", epochs=15, batch_size=64, lr=0.1, weight_decay=5e-4),
+    defaults=dict(model="preactresnet18_w16", epochs=15, batch_size=64, lr=0.1, weight_decay=5e-4, loss="bce"),
     description="scikit-learn digits, 1,347 train / 450 test, 16x16 (embedded, no download)",
 ))
 register_dataset(DatasetInfo(

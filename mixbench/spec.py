@@ -49,7 +49,7 @@ class RunSpec:
     gamma: float = 0.1
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
-    loss: Optional[str] = None  # None: the data set's (bce on CIFAR/Tiny-ImageNet, else ce); mixbench.losses
+    loss: Optional[str] = None  # None: the data set's (bce on CIFAR, Tiny-ImageNet and digits, else ce); mixbench.losses
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA (ignored on CPU)
     compile: Optional[bool] = None  # torch.compile the model; None: on CUDA yes, on the CPU no
