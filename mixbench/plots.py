@@ -42,7 +42,6 @@ import seaborn as sns  # noqa: E402
 from mixbench.frame import (  # noqa: E402
     METRICS,
     TIME_FIELDS,
-    _eval_better,
     _stages,
     aggregate,
     filter_usage_means,
@@ -50,6 +49,7 @@ from mixbench.frame import (  # noqa: E402
     time_basis,
     top1_runs,
 )
+from mixbench.evaluations import headline  # noqa: E402
 from mixbench.results import read_jsonl  # noqa: E402
 
 EXTS = ("png", "pdf")
@@ -245,9 +245,10 @@ def plot_eval(agg: pd.DataFrame, out: Path, rows, colors, eval_keys: Sequence[st
                 continue
             ax.set_visible(True)
             _bars(ax, sub, rows, colors, zoom=False, fmt=".3g")
-            better = "lower is better" if _eval_better(key) == "min" else "higher is better"
-            unit = " (%)" if key.endswith(("top1", "auc", "ece")) else ""
-            ax.set_title(f"{g}\n{key} ({better})", fontsize="medium")
+            h = headline(key)  # the suite's declaration
+            better = "lower is better" if h.lower_is_better else "higher is better"
+            unit = " (%)" if h.percent else ""
+            ax.set_title(f"{g}\n{h.label} ({better})", fontsize="medium")
             ax.set_ylabel(f"{key.rsplit('.', 1)[-1]}{unit}, mean ± std")
             ax.set_xlabel("method")
             for label in ax.get_xticklabels():

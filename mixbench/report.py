@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mixbench import UsageError
+from mixbench.evaluations import headline
 from mixbench.frame import (
     CONTENTION_LIMIT,
     METRICS,
     TIME_FIELDS,
     RunSet,
-    _eval_better,
     _number,
     aggregate,
     column_order,
@@ -251,11 +251,11 @@ def build_table(runset: RunSet, metric: str = "final") -> Table:
             columns.append(Column(g, "peak_mem_mb", "peak mem (MB)", "peak mem (MB)", None, 0, False))
         for key in runset.eval_keys:
             if (g, f"eval.{key}") in present:
-                arrow = "↓" if _eval_better(key) == "min" else "↑"
-                larrow = r"$\downarrow$" if _eval_better(key) == "min" else r"$\uparrow$"
-                decimals = 3 if key.startswith("filter_usage.") else 2  # fractions in [0, 1]
-                columns.append(Column(g, f"eval.{key}", f"{key} {arrow}", f"{latex_escape(key)} {larrow}",
-                                      _eval_better(key), decimals, True))
+                h = headline(key)  # the suite's declaration: display name, direction, decimals
+                arrow = "↓" if h.lower_is_better else "↑"
+                larrow = r"$\downarrow$" if h.lower_is_better else r"$\uparrow$"
+                columns.append(Column(g, f"eval.{key}", f"{h.label} {arrow}", f"{latex_escape(h.label)} {larrow}",
+                                      h.better, h.decimals, True))
 
     cells: Dict[Tuple[str, int], Tuple[float, float, int]] = {}
     for j, col in enumerate(columns):
