@@ -192,6 +192,20 @@ def test_corrupted_images_are_cached(tmp_path):
     assert torch.equal(corrupted_images(images, "gaussian_noise", [1, 3], 0, tmp_path), stack)
 
 
+def test_a_changed_corruption_definition_is_not_read_from_the_cache(tmp_path, monkeypatch):
+    import dataclasses
+
+    from mixbench.evaluations import corruption as suite
+
+    images = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    old = corrupted_images(images, "contrast", [3], seed=0, cache_dir=tmp_path)
+    changed = dataclasses.replace(suite.CORRUPTIONS["contrast"], params=[0.9] * 5)  # a milder contrast
+    monkeypatch.setitem(suite.CORRUPTIONS, "contrast", changed)
+    new = corrupted_images(images, "contrast", [3], seed=0, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and not torch.equal(new, old)
+    assert torch.equal(new[0], corrupt(images, "contrast", 3, seed=0))
+
+
 def test_deformations():
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(deform(x, "rotation", 0.0), x, atol=1e-5)

@@ -11,6 +11,7 @@ size) and not cached.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -25,6 +26,14 @@ from mixbench.evaluations.corruption_ops import CORRUPTIONS, STANDARD_CORRUPTION
 from mixbench.results import atomic_write_bytes
 
 DEFAULT_CORRUPTIONS = list(STANDARD_CORRUPTIONS)
+
+
+def definition_key(name: str) -> str:
+    """A short hash of a corruption's definition (its algorithm's source and its parameters), so that a
+    cached corrupted set made by an older definition is never read back."""
+    entry = CORRUPTIONS[name]
+    text = inspect.getsource(entry.fn) + repr(entry.params) + repr(entry.rng)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0, salt: Sequence[Any] = ()) -> torch.Tensor:
@@ -46,7 +55,7 @@ def corrupted_images(images: torch.Tensor, name: str, severities: Sequence[int],
     path = None
     if cache_dir is not None:
         key = hashlib.sha1(images.cpu().numpy().tobytes()).hexdigest()[:12]
-        path = Path(cache_dir) / f"{name}-s{''.join(map(str, severities))}-seed{seed}-{key}.pt"
+        path = Path(cache_dir) / f"{name}-s{''.join(map(str, severities))}-seed{seed}-{key}-{definition_key(name)}.pt"
         if path.exists():
             try:
                 return torch.load(path, weights_only=True)
