@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-mode", choices=["auto", "memory", "stream"],
                    help="image-file data sets: decode once into memory, or stream from disk (default: auto)")
     p.add_argument("--image-size", type=_positive_int, help="resize to this size (default: the data set's)")
+    p.add_argument("--decode", choices=["cpu", "gpu"],
+                   help="streamed image files: decode with PIL in the loader's workers (cpu, the default), or JPEGs "
+                        "in batches on the run's GPU with torchvision (gpu; other files still decode in the workers)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA yes, on the CPU no)")
     p.add_argument("--checkpoint-every-min", type=_non_negative_float, metavar="MIN",
@@ -218,7 +221,7 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 _RUN_OPTION_FLAGS = (
     "dataset", "device", "data_dir", "download", "compile", "model", "epochs", "batch_size", "lr", "weight_decay",
     "schedule", "train_subset", "data_mode", "image_size", "filter_usage_every", "loss", "stem",
-    "checkpoint_every_min", "tensorboard", "nproc", "sync_bn",
+    "checkpoint_every_min", "tensorboard", "nproc", "sync_bn", "decode",
 )
 
 
