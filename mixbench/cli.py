@@ -225,6 +225,15 @@ _RUN_OPTION_FLAGS = (
 )
 
 
+def _check_decode_device(specs) -> None:
+    """--decode gpu trains here: it needs CUDA, unless the run asked for the CPU (the same code path there)."""
+    import torch
+
+    if any(s.decode == "gpu" and s.device != "cpu" for s in specs) and not torch.cuda.is_available():
+        raise UsageError("--decode gpu needs a CUDA device and this machine has none; leave --decode at cpu, or "
+                         "pass --device cpu to run the same code path with the CPU's JPEG decoder")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mixbench import launch
     from mixbench.grid import describe
@@ -246,6 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if profile is not None:
         launch.submit_slurm(specs, out, profile)
         return 0
+    _check_decode_device(specs)
     from mixbench.grid import load_spec
     from mixbench.report import METRICS, summary_table
 

@@ -92,7 +92,7 @@ def _decode(data: List[torch.Tensor], device: torch.device) -> List[torch.Tensor
 
             try:
                 with Image.open(io.BytesIO(d.numpy().tobytes())) as img:
-                    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                    rgb = np.array(img.convert("RGB"), dtype=np.uint8)
             except (OSError, ValueError) as exc:
                 raise UsageError(f"cannot decode a JPEG of the batch: {exc}") from None
             out.append(torch.from_numpy(rgb).permute(2, 0, 1).to(device))
