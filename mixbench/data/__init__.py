@@ -6,7 +6,8 @@
   ``files`` holds what the image-file sets share (listing, decoding).
 - ``cache``: the data folder rule and the one per-process cache of what was read from it.
 - ``loaders``: ``DeviceLoader`` (device-resident uint8 sets, augmented on the device) and
-  ``StreamLoader`` (image files decoded by workers) on one base class, ``BatchLoader``.
+  ``StreamLoader`` (image files decoded by workers) on one base class, ``BatchLoader``; ``jpeg``: the
+  streaming loader's option to decode JPEGs in batches on the training device.
 - ``runs``: a run's data (``get_data``) and its loaders (``make_loaders``).
 """
 from mixbench.data.registry import (  # noqa: F401  (the registry first: the sources register into it)
@@ -51,7 +52,7 @@ from mixbench.data.fashion_mnist import (  # noqa: F401
 from mixbench.data.tiny_imagenet import TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, tiny_imagenet_files  # noqa: F401
 from mixbench.data.cub200 import cub200_files  # noqa: F401
 from mixbench.data.imagefolder import imagefolder_classes, imagefolder_files  # noqa: F401
-from mixbench.data.loaders import BatchLoader, DeviceLoader, StreamLoader  # noqa: F401
+from mixbench.data.loaders import DECODE_CHOICES, BatchLoader, DeviceLoader, StreamLoader  # noqa: F401
 from mixbench.data.runs import (  # noqa: F401
     MEMORY_MAX_SIZE,
     get_data,

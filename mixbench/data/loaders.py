@@ -3,9 +3,11 @@
 ``DeviceLoader`` batches a device-resident uint8 data set and augments it on the device
 (random crop with zero padding, horizontal flip): no per-sample Python in the hot loop.
 ``StreamLoader`` decodes image files in DataLoader workers every epoch (RandomResizedCrop +
-flip) and moves uint8 batches through pinned memory. ``BatchLoader`` holds what they share:
-the number of batches, the epoch's sample order drawn from the loader's generator, the
-normalisation on the device, data-parallel sharding, and the generator's state for resume.
+flip) and moves uint8 batches through pinned memory, or (``decode="gpu"``) has the workers read
+JPEG files and the training process decode them in batches on the device. ``BatchLoader``
+holds what they share: the number of batches, the epoch's sample order drawn from the loader's
+generator, the normalisation on the device, data-parallel sharding, and the generator's state
+for resume.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import torch
 from mixbench import UsageError
 from mixbench.data.augment import random_crop, random_hflip
 from mixbench.data.files import default_num_workers, open_rgb
+from mixbench.data.jpeg import Encoded, assemble, collate, read_jpeg
 from mixbench.data.registry import Samples
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+DECODE_CHOICES = ("cpu", "gpu")  # the streaming loader's decoding: PIL in the workers, or decode_jpeg on the device
 
 
 class BatchLoader:
@@ -160,17 +164,23 @@ class DeviceLoader(BatchLoader):
 
 class _StreamImages(torch.utils.data.Dataset):
     """Decodes one image file per item. Training items get RandomResizedCrop (+ flip) drawn from a seed
-    made of the epoch's seed and the item's index, so the stream does not depend on the number of workers."""
+    made of the epoch's seed and the item's index, so the stream does not depend on the number of workers.
 
-    def __init__(self, samples: Samples, size: int, train: bool, flip: bool):
+    ``decode="gpu"``: a JPEG item is the file's bytes with the crop box and flip the PIL path draws for
+    it (:class:`mixbench.data.jpeg.Encoded`), decoded in the training process; other files (PNG, CMYK
+    JPEG...) are still decoded here by PIL.
+    """
+
+    def __init__(self, samples: Samples, size: int, train: bool, flip: bool, decode: str = "cpu"):
         import torchvision.transforms as T
 
         # numpy arrays, not a list of tuples: forked workers then share the pages (no reference-count writes)
         self.paths = np.array([path.encode() for path, _ in samples])
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
-        self.train, self.epoch_seed = train, 0
+        self.train, self.epoch_seed, self.decode = train, 0, decode
         if train:
-            steps = [T.RandomResizedCrop(size, antialias=True)] + ([T.RandomHorizontalFlip()] if flip else [])
+            self.crop, self.hflip = T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip() if flip else None
+            steps = [self.crop] + ([self.hflip] if flip else [])
         else:
             steps = [T.Resize(round(size / 0.875), antialias=True), T.CenterCrop(size)]
         self.transform = T.Compose(steps + [T.PILToTensor()])
@@ -178,13 +188,35 @@ class _StreamImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        img, label = open_rgb(self.paths[i].decode()), int(self.labels[i])
+    def __getitem__(self, i: int) -> Tuple[Any, int]:
+        path, label = self.paths[i].decode(), int(self.labels[i])
+        if self.decode == "gpu":
+            data, img = read_jpeg(path)
+            if data is not None:
+                return self._draws(data, img, i), label
+            img = img.convert("RGB")
+        else:
+            img = open_rgb(path)
         if not self.train:
             return self.transform(img), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.epoch_seed + i * 1_000_003) % 2**63)
+            torch.manual_seed(self._seed(i))
             return self.transform(img), label
+
+    def _seed(self, i: int) -> int:
+        return (self.epoch_seed + i * 1_000_003) % 2**63
+
+    def _draws(self, data: torch.Tensor, img, i: int) -> Encoded:
+        """Item ``i``'s bytes with the crop box and flip that ``self.transform`` draws for it (same seed,
+        same calls in the same order); ``img`` is opened lazily, only its size is read."""
+        width, height = img.size
+        if not self.train:
+            return Encoded(data, (0, 0, height, width), False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._seed(i))
+            box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+            flipped = bool(torch.rand(1) < self.hflip.p) if self.hflip is not None else False
+        return Encoded(data, tuple(box), flipped)
 
 
 class StreamLoader(BatchLoader):
@@ -193,6 +225,11 @@ class StreamLoader(BatchLoader):
     Training batches get RandomResizedCrop and flip; images travel as uint8 through pinned
     memory. After the epoch's order the generator draws the epoch's augmentation seed; a
     sharded loader decodes only its rank's share (the per-image seeds do not depend on the rank).
+
+    ``decode="gpu"``: the workers only read JPEG files and draw their crops and flips; the batch is
+    decoded, cropped, resized and flipped on ``device`` (:mod:`mixbench.data.jpeg`; on a CPU device the
+    same code runs with the CPU decoder). The draws are the PIL path's, and so is the resume state.
+    Other files (PNG, CMYK JPEG...) fall back to PIL decoding in the workers.
     """
 
     def __init__(
@@ -209,12 +246,15 @@ class StreamLoader(BatchLoader):
         seed: int = 0,
         channels_last: bool = False,
         num_workers: Optional[int] = None,
+        decode: str = "cpu",
     ):
         super().__init__(batch_size=batch_size, mean=mean, std=std, device=device, train=train, seed=seed,
                          channels_last=channels_last, generator_device=torch.device("cpu"))
-        self.samples = samples
+        if decode not in DECODE_CHOICES:
+            raise UsageError(f"unknown decode {decode!r}; choose from: {', '.join(DECODE_CHOICES)}")
+        self.samples, self.image_size, self.decode = samples, image_size, decode
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.dataset = _StreamImages(samples, image_size, train, flip)
+        self.dataset = _StreamImages(samples, image_size, train, flip, decode)
 
     def _num_items(self) -> int:
         return len(self.samples)
@@ -229,10 +269,15 @@ class StreamLoader(BatchLoader):
             self.dataset.epoch_seed = int(torch.randint(0, 2**62, (), generator=self.generator))
             order = self._rank_part(order.view(len(self), self.batch_size), dim=1)
         batch_size = order.shape[-1] if self.train else self.batch_size
+        on_device = self.decode == "gpu"
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=order.reshape(-1).tolist(), num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
-            prefetch_factor=4 if self.num_workers else None,
+            pin_memory=self.device.type == "cuda" and not on_device, generator=torch.Generator().manual_seed(0),
+            prefetch_factor=4 if self.num_workers else None, collate_fn=collate if on_device else None,
         )
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for batch in loader:
+            if on_device:
+                yield assemble(batch, self.image_size, self.train, self.device), batch.labels.to(self.device)
+            else:
+                x, y = batch
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -95,7 +95,8 @@ def make_loaders(spec: Any, device: torch.device, *, channels_last: bool = False
 
     In-memory sets give ``DeviceLoader``s, streaming ones ``StreamLoader``s; both
     carry ``.info`` (the data set's info at the run's image size) and ``.mode``
-    ("memory" or "stream"). Data sets are read once per process; ``train_subset``
+    ("memory" or "stream"). ``decode`` "gpu" decodes streamed JPEGs on ``device`` (a CUDA device, or the
+    CPU when the run asked for it). Data sets are read once per process; ``train_subset``
     (stratified, seeded by the run's seed) applies to the training split only.
     """
     info = get_dataset_info(spec.dataset)
@@ -115,6 +116,16 @@ def make_loaders(spec: Any, device: torch.device, *, channels_last: bool = False
             decoded = (len(train_s) + len(test_s)) * info.in_chans * size * size
             mode = "memory" if size <= MEMORY_MAX_SIZE and decoded <= memory_limit_bytes() else "stream"
 
+    decode = getattr(spec, "decode", "cpu")
+    if decode == "gpu":
+        if mode == "memory":
+            raise UsageError(f"decode 'gpu' applies to streamed image files; {spec.dataset} at {size} px is held in "
+                             "memory (decoded once): pass --data-mode stream, or leave decode at cpu")
+        if device.type != "cuda" and spec.device != "cpu":
+            raise UsageError(f"decode 'gpu' needs a CUDA device, and this run trains on the {device.type} "
+                             f"(--device {spec.device}); leave decode at cpu, or pass --device cpu to run the same "
+                             "code path with the CPU's JPEG decoder")
+
     common = dict(mean=info.mean, std=info.std, device=device, channels_last=channels_last)
     if mode == "memory":
         data = _arrays(spec.dataset, info, spec.data_dir, spec.download, size)
@@ -132,7 +143,7 @@ def make_loaders(spec: Any, device: torch.device, *, channels_last: bool = False
             idx = stratified_subset(torch.tensor([label for _, label in train_s]), subset, spec.seed)
             train_s = [train_s[i] for i in idx.tolist()]
         labels = torch.tensor([label for _, label in train_s + test_s])
-        stream = dict(image_size=size, flip=info.flip, num_workers=num_workers, **common)
+        stream = dict(image_size=size, flip=info.flip, num_workers=num_workers, decode=decode, **common)
         train = StreamLoader(train_s, batch_size=spec.batch_size, train=True, seed=spec.seed, **stream)
         test = StreamLoader(test_s, batch_size=spec.batch_size, train=False, **stream)
     if len(labels) and int(labels.max()) >= info.num_classes:
