@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from mixbench.plots.style import _panels, _save
@@ -54,8 +55,17 @@ def plot_critical_difference(ranks, out: Path, colors) -> List[Path]:
     k = len(ranks.rows)
     fig, ax = plt.subplots(figsize=(7.0, 3.0))
     avg = pd.Series({r: float(ranks.average[r]) for r in ranks.rows})
-    sp.critical_difference_diagram(avg, ranks.nemenyi, ax=ax, color_palette={r: colors[r] for r in ranks.rows},
-                                   label_fmt_left="{label} ({rank:.2f})", label_fmt_right="({rank:.2f}) {label}")
+    drawn = sp.critical_difference_diagram(avg, ranks.nemenyi, ax=ax, color_palette={r: colors[r] for r in ranks.rows},
+                                           label_fmt_left="{label} ({rank:.2f})",
+                                           label_fmt_right="({rank:.2f}) {label}")
+    # scikit-posthocs draws each bar through its methods in the iteration order of a Python set of names, which
+    # changes with the string hash seed of each process; the path's overlapping segments then antialias
+    # differently and the PNG changes from run to run. Drawn left to right, the figure is the same every time.
+    for lines in drawn["crossbars"]:
+        for line in lines:
+            x, y = line.get_data()
+            order = np.argsort(np.asarray(x, dtype=float), kind="stable")
+            line.set_data(np.asarray(x, dtype=float)[order], np.asarray(y, dtype=float)[order])
     # The critical difference as a bar above the rank axis (its tick labels take about one unit of y).
     low, top = float(avg.min()), 3.0
     ax.plot([low, low + ranks.cd], [2.0, 2.0], color="black", linewidth=1.5)
