@@ -286,12 +286,14 @@ plot_critical_difference(ranks, Path(sys.argv[1]), method_colors(rows))
 
 
 @pytest.mark.slow  # two fresh interpreters
-def test_critical_difference_diagram_is_the_same_whatever_the_hash_seed(tmp_path):
+def test_critical_difference_diagram_is_the_same_file_in_every_run(tmp_path):
     # scikit-posthocs iterates a set of method names to draw each bar; string hashing differs per process.
-    pngs = []
+    pngs, pdfs = [], []
     for seed in ("0", "1"):
         path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": path}
         subprocess.run([sys.executable, "-c", CD_SCRIPT, str(tmp_path / seed)], env=env, check=True)
         pngs.append((tmp_path / seed / "critical_difference.png").read_bytes())
+        pdfs.append((tmp_path / seed / "critical_difference.pdf").read_bytes())
     assert pngs[0][:8] == b"\x89PNG\r\n\x1a\n" and pngs[0] == pngs[1]
+    assert pdfs[0][:5] == b"%PDF-" and pdfs[0] == pdfs[1]  # no creation date either

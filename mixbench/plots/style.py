@@ -66,7 +66,8 @@ def _save(fig, out: Path, stem: str) -> List[Path]:
     paths = []
     for ext in EXTS:
         path = out / f"{stem}.{ext}"
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+        # no creation date in the PDF: the same runs give the same files
+        fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if ext == "pdf" else None)
         paths.append(path)
     plt.close(fig)
     return paths
