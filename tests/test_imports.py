@@ -95,6 +95,18 @@ def test_the_module_graph_has_no_cycle():
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 
+def test_every_package_is_installed():
+    """setup.cfg lists its packages by hand: a package missing there is missing from a wheel install."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    packages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mixbench").rglob("__init__.py")}
+    assert packages - listed == set(), "add to setup.cfg's packages: " + ", ".join(sorted(packages - listed))
+    assert "mixbench.methods" in listed
+
+
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
