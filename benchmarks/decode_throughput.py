@@ -6,6 +6,12 @@ workers the table gives the wall-clock rate and the rate per CPU-second (the tra
 workers together: images per second per core, the number that sizes ``MIXBENCH_WORKERS`` and a
 node's cores per GPU on a shared machine).
 
+Each worker count is measured for both decode paths (``--decode``): ``cpu`` (PIL in the workers) and
+``gpu`` (the workers read the files; ``torchvision.io.decode_jpeg`` decodes the batch on the device,
+crops, resizes and flips there). The ``decoder`` column names where the JPEGs were decoded: on a
+machine without CUDA (or with ``--device cpu``) the gpu row measures the CPU's decode_jpeg, labelled
+``decode_jpeg (cpu)``. The device's own time is not counted in the CPU seconds.
+
     python benchmarks/decode_throughput.py --data-dir /data/imagenet --workers 0,2,4,8 --batches 50
     python benchmarks/decode_throughput.py --generate 512          # a generated ImageNet-like tree
     python benchmarks/decode_throughput.py --generate 64 --batches 2 --json out.json   # a quick check
@@ -45,14 +51,17 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def measure(root: Path, workers: int, batches: int, batch_size: int, image_size: int) -> Dict[str, float]:
+def measure(root: Path, workers: int, batches: int, batch_size: int, image_size: int, decode: str = "cpu",
+            device: str = "cpu") -> Dict[str, float]:
+    import torch
+
     from mixbench.data import IMAGENET_MEAN, IMAGENET_STD, StreamLoader, imagefolder_files
 
     train, _ = imagefolder_files(root)
     if len(train) < batch_size:
         raise SystemExit(f"{root}: {len(train)} training images, fewer than one batch of {batch_size}")
     loader = StreamLoader(train, image_size=image_size, batch_size=batch_size, mean=IMAGENET_MEAN,
-                          std=IMAGENET_STD, device="cpu", train=True, num_workers=workers)
+                          std=IMAGENET_STD, device=device, train=True, num_workers=workers, decode=decode)
     images, wall0, cpu0 = 0, time.perf_counter(), _cpu_seconds()
     while images < batches * batch_size:
         for x, _ in loader:
@@ -60,10 +69,13 @@ def measure(root: Path, workers: int, batches: int, batch_size: int, image_size:
             if images >= batches * batch_size:
                 break
     del x
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     wall = time.perf_counter() - wall0
     time.sleep(0.2)  # let the exited workers be reaped, so that their CPU time is counted
     cpu = _cpu_seconds() - cpu0
-    return {"workers": workers, "images": images, "wall_s": wall, "cpu_s": cpu,
+    decoder = "PIL (workers)" if decode == "cpu" else f"decode_jpeg ({torch.device(device).type})"
+    return {"decode": decode, "decoder": decoder, "workers": workers, "images": images, "wall_s": wall, "cpu_s": cpu,
             "images_per_s": images / wall, "images_per_cpu_s": images / cpu if cpu > 0 else float("nan")}
 
 
@@ -75,18 +87,28 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--decode", default="cpu,gpu", help="comma-separated decode paths: cpu, gpu (default: both)")
+    p.add_argument("--device", default="auto", help="the training device: auto (CUDA if any), cpu, cuda:N")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = p.parse_args(argv)
     if (args.data_dir is None) == (args.generate is None):
         p.error("give one of --data-dir PATH or --generate N")
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    decodes = [d.strip() for d in args.decode.split(",") if d.strip()]
+    if not decodes or set(decodes) - {"cpu", "gpu"}:
+        p.error(f"--decode must list cpu and/or gpu, got {args.decode!r}")
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_dir or generate_tree(Path(tmp) / "imagenet", args.generate)
-        rows = [measure(root, w, args.batches, args.batch_size, args.image_size) for w in workers]
-    print(f"{'workers':>7} {'images':>7} {'wall s':>8} {'CPU s':>8} {'images/s':>9} {'images/s/core':>13}")
+        rows = [measure(root, w, args.batches, args.batch_size, args.image_size, d, device)
+                for d in decodes for w in workers]
+    print(f"{'decoder':<18} {'workers':>7} {'images':>7} {'wall s':>8} {'CPU s':>8} {'images/s':>9} "
+          f"{'images/s/core':>13}")
     for r in rows:
-        print(f"{r['workers']:7d} {r['images']:7d} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['images_per_s']:9.1f} "
-              f"{r['images_per_cpu_s']:13.1f}")
+        print(f"{r['decoder']:<18} {r['workers']:7d} {r['images']:7d} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} "
+              f"{r['images_per_s']:9.1f} {r['images_per_cpu_s']:13.1f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -9,11 +9,16 @@ On a CUDA machine (about 8 minutes on one H100-class GPU; ``--budget-min`` caps 
 2. every evaluation suite once on a tiny trained run (``train_run`` on the GPU, compiled);
 3. a resume with fewer visible GPUs: a run on the last GPU with all GPUs visible, stopped right after
    its first checkpoint, is refused on the CPU with a one-line error, then resumes under
-   ``CUDA_VISIBLE_DEVICES=<that GPU>`` on ``cuda:0`` and completes.
+   ``CUDA_VISIBLE_DEVICES=<that GPU>`` on ``cuda:0`` and completes;
+4. where two GPUs exist, a 2-process data-parallel epoch (``mixbench run --nproc-per-run 2 --sync-bn``:
+   NCCL, DistributedDataParallel, torch.compile as a GPU run has it) of vanilla, a hidden-point method
+   and a method with its own trainable modules, against the same epoch in one process;
+5. the streaming loader's ``--decode gpu`` (nvJPEG, batched) against PIL on generated ImageNet-sized JPEGs:
+   the same labels in the same order, the pixels' mean absolute difference, both paths' images/s.
 
 It prints a table and writes everything to a JSON file (after each part, so a cut-off run keeps what it
 measured). ``--quick`` runs the same code paths on the CPU in a few minutes at most (tiny models, a few
-steps, dynamo without code generation), which is what the test suite does.
+steps, dynamo without code generation, two Gloo processes), which is what the test suite does.
 
     python benchmarks/gpu_check.py                     # on the GPU machine
     python benchmarks/gpu_check.py --quick --out /tmp/gpu_check.json
@@ -63,7 +68,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps per method (default: 3; quick: 1)")
     p.add_argument("--budget-min", type=float, default=8.0,
                    help="stop starting new measurements after this many minutes (default: 8)")
-    p.add_argument("--parts", default="throughput,eval,resume", help="any of throughput, eval, resume")
+    p.add_argument("--parts", default="throughput,eval,resume,ddp,decode",
+                   help="any of throughput, eval, resume, ddp, decode")
     p.add_argument("--backend", help="torch.compile backend (default: inductor; quick: eager, dynamo only)")
     return p.parse_args(argv)
 
@@ -299,6 +305,82 @@ def resume_check(device: torch.device, args, work: Path) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# 4. a data-parallel epoch in two processes
+
+DDP_METHODS = ["vanilla", "manifold_mixup", "automix"]  # plain, mixing inside the model, own trainable modules
+
+
+def ddp_check(device: torch.device, args, work: Path) -> Dict[str, Any]:
+    """One epoch of each of DDP_METHODS in 2 processes (sync BN), and vanilla's in 1, through the CLI."""
+    cuda = device.type == "cuda"
+    if cuda and torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU visible; the data-parallel step needs 2"}
+    methods = [m for m in DDP_METHODS if get_method(m).available()]
+    common = ["run", "--dataset", "synthetic", "--epochs", "1", "--seeds", "0", "--checkpoint-every-min", "0",
+              "--no-progress", "--device", "cuda" if cuda else "cpu"]
+    if cuda:
+        common += ["--model", "preactresnet18", "--batch-size", "128"]
+    else:  # the tiny default model on 256 images, dynamo without code generation as in the throughput part
+        common += ["--compile", "--train-subset", "256"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if not cuda else dict(os.environ)
+    report: Dict[str, Any] = {"processes": 2, "backend": "nccl" if cuda else "gloo", "methods": {}}
+    for label, nproc, names in (("1 process", 1, ["vanilla"]), ("2 processes", 2, methods)):
+        out = work / f"ddp-{nproc}"
+        extra = ["--nproc-per-run", "2", "--sync-bn"] if nproc == 2 else []
+        t0 = time.perf_counter()
+        proc = _mixbench(common + ["--methods", ",".join(names), "--out", str(out)] + extra, env)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            report["methods"][label] = {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+            continue
+        for result_path in sorted(out.rglob("result.json")):
+            result = json.loads(result_path.read_text())
+            report["methods"][f"{result['method']} ({label})"] = {
+                "status": result.get("status"), "epoch_time_s": result.get("epoch_time_s"),
+                "images_per_s": result.get("train_images_per_s"), "final_top1": result.get("final_top1"),
+                "compiled": result.get("compiled"), "nproc": nproc, "launch_wall_s": wall}
+    one = report["methods"].get("vanilla (1 process)", {}).get("epoch_time_s")
+    two = report["methods"].get("vanilla (2 processes)", {}).get("epoch_time_s")
+    if one and two:
+        report["speedup_vanilla"] = one / two
+    report["ok"] = all(r.get("status") == "complete" for r in report["methods"].values()) and \
+        len(report["methods"]) == 1 + len(methods)
+    return report
+
+
+# ---------------------------------------------------------------------------
+# 5. JPEG decoding on the device
+
+DECODE_TOLERANCE = 3.0  # mean absolute difference from PIL's pixels, 0..255 units (per image)
+
+
+def decode_check(device: torch.device, args, work: Path) -> Dict[str, Any]:
+    """``StreamLoader(decode="gpu")`` on ``device`` against the PIL path, and both paths' throughput."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_throughput import generate_tree, measure
+
+    from mixbench.data import StreamLoader, default_num_workers, imagefolder_files
+
+    root = generate_tree(work / "imagenet", 16 if args.quick else 256)
+    size, batch = (32, 8) if args.quick else (224, 64)
+    report: Dict[str, Any] = {"decoder": f"decode_jpeg ({device.type})", "ok": True}
+    for split, samples in zip(("train", "val"), imagefolder_files(root)):
+        kw = dict(image_size=size, batch_size=batch, mean=(0.0,) * 3, std=(1 / 255,) * 3, device=device,
+                  train=split == "train", seed=0, num_workers=0)
+        pil, dev = list(StreamLoader(samples, **kw)), list(StreamLoader(samples, decode="gpu", **kw))
+        same = len(pil) == len(dev) and all(torch.equal(y1, y2) and x1.shape == x2.shape
+                                            for (x1, y1), (x2, y2) in zip(pil, dev))
+        diff = torch.cat([(x1 - x2).abs().mean(dim=(1, 2, 3)) for (x1, _), (x2, _) in zip(pil, dev)])
+        report[split] = {"labels_and_shapes_equal": same, "mean_abs_diff": diff.mean().item(),
+                         "max_image_mean_abs_diff": diff.max().item()}
+        report["ok"] &= same and diff.max().item() < DECODE_TOLERANCE
+    workers = 0 if args.quick else min(4, default_num_workers())
+    report["speed"] = [measure(root, workers, 2 if args.quick else 4, batch, size, d, str(device))
+                       for d in ("cpu", "gpu")]
+    return report
+
+
+# ---------------------------------------------------------------------------
 
 
 def table(results: Dict[str, Any]) -> str:
@@ -373,6 +455,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             plan.append((f"{models[1][0]} eager", 30, speed(models[1], False)))
             plan.append((f"{models[0][0]} compiled", 0 if args.quick else 120, speed(models[0], True)))
             plan.append((f"{models[1][0]} compiled", 0 if args.quick else 150, speed(models[1], True)))
+        if "decode" in parts:
+            plan.insert(3 if "throughput" in parts else len(plan), ("decode", 0 if args.quick else 30,
+                        lambda: results.__setitem__("decode", decode_check(device, args, work))))
+        if "ddp" in parts:
+            plan.insert(3 if "throughput" in parts else len(plan), ("ddp", 0 if args.quick else 60,
+                        lambda: results.__setitem__("ddp", ddp_check(device, args, work))))
         for name, needs, part in plan:
             if budget.left() <= needs:
                 results.setdefault("skipped_parts", []).append(name)
@@ -400,12 +488,30 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"first checkpoint; other device refused (exit {r.get('other_device_exit')}): "
               f"{r.get('other_device_error', '')}; resumed with CUDA_VISIBLE_DEVICES={r.get('resume_visible')}: "
               f"{r.get('resumed_from')} -> {r.get('status')} ({'ok' if r.get('ok') else 'FAILED'})")
+    if "ddp" in results:
+        d = results["ddp"]
+        if "skipped" in d:
+            print(f"\ndata-parallel: skipped ({d['skipped']})")
+        else:
+            print(f"\ndata-parallel ({d['backend']}, sync BN), one epoch ({'ok' if d.get('ok') else 'FAILED'}): "
+                  + "; ".join(f"{k}: {v['epoch_time_s']:.2f} s, top-1 {v['final_top1']:.1f}" if "epoch_time_s" in v
+                              and v["epoch_time_s"] is not None else f"{k}: {v.get('error', v.get('status'))[:300]}"
+                              for k, v in d["methods"].items())
+                  + (f"; vanilla 2 processes vs 1: {d['speedup_vanilla']:.2f}x" if "speedup_vanilla" in d else ""))
+    if "decode" in results:
+        d = results["decode"]
+        print(f"\n--decode gpu ({d['decoder']}) vs PIL ({'ok' if d['ok'] else 'FAILED'}): mean abs diff "
+              f"train {d['train']['mean_abs_diff']:.3f}, val {d['val']['mean_abs_diff']:.3f} /255; "
+              + "; ".join(f"{r['decoder']} {r['workers']} workers: {r['images_per_s']:.0f} images/s, "
+                          f"{r['images_per_cpu_s']:.0f} per core" for r in d["speed"]))
     if results.get("skipped_parts"):
         print(f"\nskipped (time budget, --budget-min {args.budget_min:g}): {', '.join(results['skipped_parts'])}")
     for err in results.get("errors", []):
         print(f"\nerror: {err}", file=sys.stderr)
     print(f"\nJSON: {args.out}")
-    bad = results.get("errors") or ("resume" in results and not results["resume"].get("ok")) or any(
+    bad = results.get("errors") or ("resume" in results and not results["resume"].get("ok")) or (
+        "ddp" in results and "skipped" not in results["ddp"] and not results["ddp"].get("ok")) or (
+        "decode" in results and not results["decode"]["ok"]) or any(
         "error" in r for part in results["throughput"] for r in part["methods"].values()) or any(
         r.get("recompiles_timed") for part in results["throughput"] for r in part["methods"].values())
     return 1 if bad else 0

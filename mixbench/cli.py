@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["cosine", "multistep"])
     p.add_argument("--loss", choices=["ce", "bce"],
                    help="ce: soft-target cross-entropy; bce: BCELoss(softmax), the PuzzleMix code's "
-                        "(default: the data set's: bce on CIFAR and Tiny-ImageNet, else ce)")
+                        "(default: the data set's: bce on CIFAR, Tiny-ImageNet and digits, else ce)")
     p.add_argument("--stem", choices=["auto", "cifar", "cifar-s2", "imagenet"],
                    help="first layers: cifar (3x3 stride 1), cifar-s2 (3x3 stride 2), imagenet (timm's); "
                         "default: the data set's, else auto (cifar at 64 px or less)")
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-mode", choices=["auto", "memory", "stream"],
                    help="image-file data sets: decode once into memory, or stream from disk (default: auto)")
     p.add_argument("--image-size", type=_positive_int, help="resize to this size (default: the data set's)")
+    p.add_argument("--decode", choices=["cpu", "gpu"],
+                   help="streamed image files: decode with PIL in the loader's workers (cpu, the default), or JPEGs "
+                        "in batches on the run's GPU with torchvision (gpu; other files still decode in the workers)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA yes, on the CPU no)")
     p.add_argument("--checkpoint-every-min", type=_non_negative_float, metavar="MIN",
@@ -218,8 +221,17 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 _RUN_OPTION_FLAGS = (
     "dataset", "device", "data_dir", "download", "compile", "model", "epochs", "batch_size", "lr", "weight_decay",
     "schedule", "train_subset", "data_mode", "image_size", "filter_usage_every", "loss", "stem",
-    "checkpoint_every_min", "tensorboard", "nproc", "sync_bn",
+    "checkpoint_every_min", "tensorboard", "nproc", "sync_bn", "decode",
 )
+
+
+def _check_decode_device(specs) -> None:
+    """--decode gpu trains here: it needs CUDA, unless the run asked for the CPU (the same code path there)."""
+    import torch
+
+    if any(s.decode == "gpu" and s.device != "cpu" for s in specs) and not torch.cuda.is_available():
+        raise UsageError("--decode gpu needs a CUDA device and this machine has none; leave --decode at cpu, or "
+                         "pass --device cpu to run the same code path with the CPU's JPEG decoder")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -243,6 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if profile is not None:
         slurm.submit_slurm(specs, out, profile)
         return 0
+    _check_decode_device(specs)
     from mixbench.benchmark import load_benchmark
     from mixbench.report import METRICS, summary_table
 

@@ -48,7 +48,6 @@ The launchers are in :mod:`mixbench.launchers.data_parallel`; every worker proce
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import os
 from pathlib import Path
@@ -230,10 +229,8 @@ class Parallel:
     def shard_train(self, loader: Any) -> Any:
         if not self.active:
             return loader
-        if hasattr(loader, "shard"):  # streaming: decode only this rank's share
-            loader.shard(self.rank, self.world)
-            return loader
-        return ShardedLoader(loader, self.rank, self.world)
+        loader.shard(self.rank, self.world)  # mixbench.data.BatchLoader: this rank's part of each global batch
+        return loader
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of ``t`` over the ranks (``t`` itself with one process)."""
@@ -428,51 +425,11 @@ def convert_cpu_sync_batchnorm(model: nn.Module) -> nn.Module:
 # Loaders
 
 
-class ShardedLoader:
-    """Rank ``rank``'s contiguous ``1/world`` of every batch of an in-memory training loader.
-
-    The global batch (order, crops, flips) comes from the wrapped loader's generator exactly as in
-    one process; ``num_samples`` counts the global batches; the state is the wrapped loader's.
-    """
-
-    def __init__(self, loader: Any, rank: int, world: int):
-        self.loader, self.rank, self.world = loader, rank, world
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for x, y in self.loader:
-            per = len(y) // self.world
-            lo = self.rank * per
-            yield x[lo:lo + per], y[lo:lo + per]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loader, name)
-
-
 def eval_shard(loader: Any, rank: int, world: int) -> Any:
-    """A test loader over rank ``rank``'s contiguous share of the test set."""
-    from mixbench.data import DeviceLoader, StreamLoader
-
+    """A test loader over rank ``rank``'s contiguous share of the test set (made once per loader)."""
     cached = getattr(loader, "_mixbench_shard", None)
     if cached is not None:
         return cached
-    if isinstance(loader, StreamLoader):
-        n = len(loader.samples)
-        lo, hi = rank * n // world, (rank + 1) * n // world
-        part = StreamLoader.__new__(StreamLoader)
-        part.__dict__.update(loader.__dict__)
-        part.samples = loader.samples[lo:hi]
-        part.dataset = copy.copy(loader.dataset)
-        part.dataset.paths, part.dataset.labels = loader.dataset.paths[lo:hi], loader.dataset.labels[lo:hi]
-    elif isinstance(loader, DeviceLoader):
-        n = len(loader.labels)
-        lo, hi = rank * n // world, (rank + 1) * n // world
-        part = DeviceLoader.__new__(DeviceLoader)
-        part.__dict__.update(loader.__dict__)
-        part.images, part.labels = loader.images[lo:hi], loader.labels[lo:hi]
-    else:
-        raise TypeError(f"cannot shard a {type(loader).__name__} for evaluation")
+    part = loader.eval_shard(rank, world)
     loader._mixbench_shard = part
     return part

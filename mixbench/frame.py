@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mixbench import UsageError
+from mixbench.evaluations import headline
 
 # --metric choice -> (result.json field, words for the caption)
 METRICS: Dict[str, Tuple[str, str]] = {
@@ -34,27 +35,12 @@ _NOT_PROTOCOL = ("method", "method_params", "seed", "dataset", "model", "device"
                  "method_source", "plugins")
 # Written by the launcher into a run folder before the run starts (with the error when it failed).
 _LAUNCH_FILE = "launch.json"
-# Eval metrics whose name matches this are better when lower (a lower Gini: wider filter use).
-_LOWER_IS_BETTER = re.compile(r"(^|[._\-])(err|error|loss|loss0|nll|ece|mce|ce|drop|sharpness|gini)s?($|[._\-])", re.I)
-# Robustness metrics of result["eval"] shown in the table and plots, per suite (every scalar goes to the
-# CSV files). A suite not listed here shows its top-level numbers.
-EVAL_HEADLINES: Dict[str, Tuple[str, ...]] = {
-    "adversarial": ("fgsm_top1", "pgd_top1"),
-    "corruption": ("mean_top1",),
-    "deformation": ("mean_top1",),
-    "feature_removal": ("auc",),
-    "calibration": ("ece", "nll"),
-    "loss_landscape": ("sharpness",),
-    "filter_usage": ("mean_gini", "mean_effective_fraction"),
-}
 
 
 def is_headline(key: str) -> bool:
-    """Whether the flattened eval metric ``suite.name[.sub...]`` belongs in the table."""
-    suite, _, rest = key.partition(".")
-    if suite in EVAL_HEADLINES:
-        return rest in EVAL_HEADLINES[suite]
-    return bool(rest) and "." not in rest
+    """Whether the flattened eval metric ``suite.name[.sub...]`` belongs in the table: the suite's declared
+    headlines (:mod:`mixbench.evaluations`); every scalar goes to the CSV files."""
+    return headline(key) is not None
 
 
 # ---------------------------------------------------------------------------
@@ -399,10 +385,6 @@ def aggregate(runs, metric: str = "final"):
     return agg
 
 
-def _eval_better(key: str) -> str:
-    return "min" if _LOWER_IS_BETTER.search(key) else "max"
-
-
 def runs_frame(runset: RunSet):
     """Tidy per-run rows: complete runs and the problems, with a status column."""
     import pandas as pd
@@ -425,7 +407,7 @@ def _stages(fu: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 def filter_usage_means(fu: Dict[str, Any]) -> Tuple[float, float]:
     """(mean Gini, mean effective-channel fraction) over the stages of a filter_usage record, ``features``
-    excluded as in ``mixbench.evaluate.filter_usage_summary``; the record's own numbers when it has them."""
+    excluded as in ``mixbench.evaluations.filter_usage.filter_usage_summary``; the record's own numbers when it has them."""
     stages = [v for k, v in _stages(fu).items() if k != "features"]
     g = fu.get("mean_gini")
     e = fu.get("mean_effective_fraction")

@@ -2,7 +2,7 @@
 
 A plugin registers methods with ``@register_method`` (a ``MixMethod`` subclass, exactly
 as the built-in methods in ``mixbench/methods/``) and evaluation suites with
-``@register_suite`` (``mixbench.evaluate``). It comes from one of:
+``@register_suite`` (``mixbench.evaluations``, also importable from ``mixbench.evaluate``). It comes from one of:
 
 - a Python file, named on the command line (``--plugins my_mix.py``) or in a benchmark
   spec (``plugins: [my_mix.py]``, relative to the spec's folder);
@@ -259,9 +259,9 @@ def _unregister(key: Key) -> None:
         if registry is not None:
             registry._METHODS.pop(name, None)
     else:
-        evaluate = sys.modules.get("mixbench.evaluate")
-        if evaluate is not None:
-            evaluate.SUITES.pop(name, None)
+        registry = sys.modules.get("mixbench.evaluations._registry")
+        if registry is not None:
+            registry.SUITES.pop(name, None)
 
 
 def load_entry_points() -> None:

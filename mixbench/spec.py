@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from mixbench import UsageError, plugins
-from mixbench.data import check_data_options, dataset_slug, get_dataset_info
+from mixbench.data import DECODE_CHOICES, check_data_options, dataset_slug, get_dataset_info
 from mixbench.losses import get_loss
 from mixbench.methods import get_method, list_methods
 from mixbench.models import STEMS
@@ -26,7 +26,8 @@ from mixbench.models import STEMS
 # Options that change where and how fast a run goes, not its numbers.
 _NOT_IN_ID = ("device", "data_dir", "download", "compile", "eval", "filter_usage_every", "checkpoint_every_min",
               "tensorboard", "plugins")
-_DATA_DEFAULTS = {"train_subset": None, "data_mode": "auto", "image_size": None, "nproc": 1, "sync_bn": False}
+_DATA_DEFAULTS = {"train_subset": None, "data_mode": "auto", "image_size": None, "nproc": 1, "sync_bn": False,
+                  "decode": "cpu"}
 
 
 @dataclass
@@ -49,7 +50,7 @@ class RunSpec:
     gamma: float = 0.1
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
-    loss: Optional[str] = None  # None: the data set's (bce on CIFAR/Tiny-ImageNet, else ce); mixbench.losses
+    loss: Optional[str] = None  # None: the data set's (bce on CIFAR, Tiny-ImageNet and digits, else ce); mixbench.losses
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA (ignored on CPU)
     compile: Optional[bool] = None  # torch.compile the model; None: on CUDA yes, on the CPU no
@@ -59,6 +60,9 @@ class RunSpec:
     train_subset: Optional[int] = None  # a stratified subset of the training split (seeded by `seed`)
     data_mode: str = "auto"  # image-file sets: auto | memory | stream
     image_size: Optional[int] = None  # None: the data set's declared size
+    # Streamed image files: decoded by PIL in the loader's workers (cpu), or JPEGs batch-decoded on the run's
+    # device with torchvision (gpu; mixbench.data.jpeg). Crops and flips are the same draws; pixels differ slightly.
+    decode: str = "cpu"
     eval: List[str] = field(default_factory=list)  # evaluation suites to run after training
     filter_usage_every: int = 0  # per-stage filter usage into metrics.jsonl every N epochs (0: off)
     # A checkpoint at the end of the first epoch this many minutes after the previous one (0: every epoch);
@@ -149,6 +153,8 @@ class RunSpec:
         if self.compile is not None and not isinstance(self.compile, bool):
             raise UsageError(f"compile must be true, false or unset (unset: on CUDA only), got {self.compile!r}")
         check_data_options(self.train_subset, self.data_mode, self.image_size)
+        if self.decode not in DECODE_CHOICES:
+            raise UsageError(f"unknown decode {self.decode!r}; choose from: {', '.join(DECODE_CHOICES)}")
         positive("nproc", self.nproc)
         if self.nproc > 1 and self.batch_size % self.nproc:
             raise UsageError(f"batch_size {self.batch_size} must be divisible by nproc {self.nproc}")

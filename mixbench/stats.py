@@ -16,7 +16,7 @@ subset, so two methods are compared seed by seed:
   several numbers of epochs, the smallest budget at which each method's mean
   top-1 exceeds vanilla's, and whether the paired test at that budget agrees.
 
-Every function takes the labelled runs of :func:`mixbench.report.label_runs`
+Every function takes the labelled runs of :func:`mixbench.frame.label_runs`
 with a numeric ``top1`` column (the table's metric) and returns plain data.
 """
 from __future__ import annotations

@@ -56,7 +56,7 @@ from mixbench.checkpoint import (
 from mixbench.data import DeviceLoader, make_loaders
 from mixbench.devices import resolve_device
 from mixbench.distributed import Parallel
-from mixbench.evaluate import filter_usage_during_training
+from mixbench.evaluations.filter_usage import filter_usage_during_training
 from mixbench.losses import Loss, get_loss
 from mixbench.methods import create_method
 from mixbench.models import count_parameters, create_model

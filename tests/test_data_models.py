@@ -96,6 +96,32 @@ def test_device_loader_normalises_and_is_seeded():
     assert [len(b[1]) for b in test] == [4, 4, 2] and test.num_samples == 10
 
 
+
+def test_device_loader_shards_are_the_global_batch_and_resume_exactly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (26, 3, 6, 6), dtype=torch.uint8, generator=g)
+    y = torch.arange(26)
+    kw = dict(batch_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, device="cpu", train=True, seed=7,
+              crop_padding=2, flip=True)
+    whole = DeviceLoader(x, y, **kw)
+    ranks = [DeviceLoader(x, y, **kw) for _ in range(2)]
+    for rank, loader in enumerate(ranks):
+        loader.shard(rank, 2)
+    for epoch in range(2):  # the crops and flips of each global batch, split between the ranks
+        for (gx, gy), (ax, ay), (bx, by) in zip(whole, *ranks):
+            assert torch.equal(torch.cat([ax, bx]), gx) and torch.equal(torch.cat([ay, by]), gy)
+        assert all(torch.equal(whole.state_dict()["generator"], r.state_dict()["generator"]) for r in ranks)
+    assert set(whole.state_dict()) == {"generator"} and ranks[1].num_samples == whole.num_samples == 24
+    with pytest.raises(UsageError, match="divisible"):
+        DeviceLoader(x, y, **kw).shard(0, 3)
+    resumed = DeviceLoader(x, y, **{**kw, "seed": 0})
+    resumed.load_state_dict(whole.state_dict())
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole, resumed))
+    test = DeviceLoader(x, y, **{**kw, "train": False, "batch_size": 4})
+    parts = [test.eval_shard(rank, 3) for rank in range(3)]
+    assert torch.equal(torch.cat([b[1] for p in parts for b in p]), y) and sum(p.num_samples for p in parts) == 26
+    assert test.num_samples == 26  # the shards are copies
+
 @pytest.mark.parametrize("name, kwargs, first", [
     ("resnet18", {}, "conv1"),
     ("preactresnet18", {}, "stem.conv"),
@@ -122,3 +148,17 @@ def test_large_inputs_keep_the_imagenet_stem():
 def test_unknown_model_suggests_close_names():
     with pytest.raises(UsageError, match="unknown model 'resnet19'.*did you mean.*resnet18"):
         create_model("resnet19", num_classes=3)
+
+
+def test_a_data_set_is_read_once_for_the_run_and_its_evaluation():
+    from types import SimpleNamespace
+
+    from mixbench.data import get_data, make_loaders
+
+    spec = SimpleNamespace(dataset="digits", data_dir=None, download=False, data_mode="auto", train_subset=None,
+                           image_size=None, seed=0, batch_size=64)
+    data = get_data(spec)
+    train, test = make_loaders(spec, torch.device("cpu"))
+    assert get_data(spec) is data and test.images is data.test_x and train.images is data.train_x
+    bigger, _ = make_loaders(SimpleNamespace(**{**vars(spec), "image_size": 20}), torch.device("cpu"))
+    assert bigger.images.shape[-1] == 20 and bigger.info.crop_padding == 2 and get_data(spec) is data

@@ -13,6 +13,7 @@ import mixbench.data as data
 from mixbench import UsageError
 from mixbench.data import (
     dataset_slug,
+    fashion_mnist,
     get_dataset_info,
     load_dataset,
     make_loaders,
@@ -172,7 +173,7 @@ def test_fashion_mnist_reads_idx_files_from_data_dir(tmp_path, layout):
 
 
 def test_fashion_mnist_errors_name_the_missing_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(UsageError, match=r"train-images-idx3-ubyte\.gz.*dataset-fashion-mnist.*--download"):
         load_dataset("fashion-mnist", data_dir=tmp_path)
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 28, 28)))
@@ -191,7 +192,7 @@ def test_fashion_mnist_downloads_through_torchvision_only_when_asked(tmp_path, m
             write_fashion(Path(root) / "FashionMNIST" / "raw", gz=False)
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(UsageError, match="Fashion-MNIST not found"):
         load_dataset("fashion-mnist", data_dir=tmp_path)
     assert calls == []

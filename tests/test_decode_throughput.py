@@ -14,6 +14,7 @@ def test_decode_benchmark_on_a_generated_tree(tmp_path, capsys):
     assert bench.main(["--generate", "24", "--batches", "2", "--batch-size", "8", "--image-size", "32",
                        "--workers", "0", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["workers"] for r in rows] == [0] and rows[0]["images"] == 16
-    assert rows[0]["images_per_s"] > 0 and rows[0]["images_per_cpu_s"] > 0
-    assert "images/s/core" in capsys.readouterr().out
+    assert [(r["decode"], r["workers"]) for r in rows] == [("cpu", 0), ("gpu", 0)]  # PIL, then decode_jpeg
+    assert all(r["images"] == 16 and r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "images/s/core" in printed and "PIL (workers)" in printed and "decode_jpeg (" in printed

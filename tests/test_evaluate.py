@@ -9,6 +9,14 @@ from torch import nn
 
 from mixbench import UsageError
 from mixbench import evaluate as ev
+from mixbench.evaluations import PixelModel, top1
+from mixbench.evaluations.adversarial import fgsm, pgd
+from mixbench.evaluations.calibration import calibration_metrics
+from mixbench.evaluations.corruption import corrupt, corrupted_images
+from mixbench.evaluations.deformation import deform
+from mixbench.evaluations.feature_removal import feature_removal_curve, remove_top_channels
+from mixbench.evaluations.filter_usage import channel_norms, effective_channels, filter_usage_during_training, gini
+from mixbench.evaluations.loss_landscape import filter_normalised_direction, landscape_loss
 from mixbench.cli import main
 from mixbench.spec import RunSpec
 
@@ -32,7 +40,7 @@ def test_fgsm_two_class_linear_by_hand():
     # whatever p1 is, so FGSM moves a by -eps and b by +eps, clamped to [0, 1].
     model = Linear([[2.0, -1.0], [-1.0, 1.0]])
     x = torch.tensor([[0.5, 0.5], [0.02, 0.99]], dtype=torch.float64)
-    adv = ev.fgsm(model, x, torch.tensor([0, 0]), eps=0.1)
+    adv = fgsm(model, x, torch.tensor([0, 0]), eps=0.1)
     assert torch.allclose(adv, torch.tensor([[0.4, 0.6], [0.0, 1.0]], dtype=torch.float64))
 
 
@@ -45,7 +53,7 @@ def test_fgsm_linear_equals_closed_form():
     # d CE / d x = W^T (softmax(W x + b) - onehot(y))
     grad = (torch.softmax(x @ w.T + b, 1) - F.one_hot(y, 5).double()) @ w
     expected = (x + eps * grad.sign()).clamp(0, 1)
-    assert torch.equal(ev.fgsm(Linear(w, b), x, y, eps), expected)
+    assert torch.equal(fgsm(Linear(w, b), x, y, eps), expected)
 
 
 def test_pgd_stays_in_the_ball_and_one_full_step_is_fgsm():
@@ -53,8 +61,8 @@ def test_pgd_stays_in_the_ball_and_one_full_step_is_fgsm():
     model = Linear(torch.randn(4, 6, generator=g, dtype=torch.float64))
     x = torch.rand(16, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (16,), generator=g)
-    assert torch.equal(ev.pgd(model, x, y, eps=0.05, step_size=0.05, steps=1), ev.fgsm(model, x, y, 0.05))
-    adv = ev.pgd(model, x, y, eps=0.03, step_size=0.01, steps=7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pgd(model, x, y, eps=0.05, step_size=0.05, steps=1), fgsm(model, x, y, 0.05))
+    adv = pgd(model, x, y, eps=0.03, step_size=0.01, steps=7, generator=torch.Generator().manual_seed(0))
     assert (adv - x).abs().max() <= 0.03 + 1e-12 and adv.min() >= 0 and adv.max() <= 1
     # the attack raises the loss over the clean input
     assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x), y)
@@ -66,12 +74,12 @@ def test_pgd_stays_in_the_ball_and_one_full_step_is_fgsm():
 
 def test_remove_top_channels_by_hand():
     f = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.0]])
-    assert torch.equal(ev.remove_top_channels(f, 0), f)
-    assert torch.equal(ev.remove_top_channels(f, 1), torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 4.0]]))
-    assert torch.equal(ev.remove_top_channels(f, 2), torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(remove_top_channels(f, 0), f)
+    assert torch.equal(remove_top_channels(f, 1), torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 4.0]]))
+    assert torch.equal(remove_top_channels(f, 2), torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
     # 4-D maps: ranked by the spatial mean
     maps = torch.tensor([[[[1.0, 1.0]], [[0.0, 4.0]]]])  # channel means 1 and 2
-    assert torch.equal(ev.remove_top_channels(maps, 1), torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]]))
+    assert torch.equal(remove_top_channels(maps, 1), torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]]))
 
 
 class GroupSum(nn.Module):
@@ -102,10 +110,10 @@ def test_feature_removal_k0_is_clean_and_curve_is_monotone():
     strong = 1 + torch.rand(n, half, generator=g) * 3
     weak = torch.rand(n, half, generator=g) * torch.rand(n, 1, generator=g) * 1.5
     x = torch.where(y[:, None] == 0, torch.cat([strong, weak], 1), torch.cat([weak, strong], 1))[:, :, None, None]
-    model = ev.PixelModel(GroupSum(half), [0.0], [1.0])
+    model = PixelModel(GroupSum(half), [0.0], [1.0])
     ks = list(range(0, half + 1))
-    curve = ev.feature_removal_curve(model, x, y, ks, batch_size=64)
-    assert curve[0] == ev.top1(model(x), y) == 100.0
+    curve = feature_removal_curve(model, x, y, ks, batch_size=64)
+    assert curve[0] == top1(model(x), y) == 100.0
     assert all(a >= b for a, b in zip(curve, curve[1:]))
     assert curve[-1] == 0.0 and 0 < curve[half // 2] < 100
 
@@ -116,16 +124,16 @@ def test_feature_removal_k0_is_clean_and_curve_is_monotone():
 
 def test_gini_and_effective_channels_on_known_distributions():
     c = 16
-    assert ev.gini(torch.ones(c)) == pytest.approx(0.0, abs=1e-12)
-    assert ev.effective_channels(torch.ones(c) * 3.7) == pytest.approx(c)
+    assert gini(torch.ones(c)) == pytest.approx(0.0, abs=1e-12)
+    assert effective_channels(torch.ones(c) * 3.7) == pytest.approx(c)
     one_hot = torch.zeros(c)
     one_hot[5] = 2.0
-    assert ev.gini(one_hot) == pytest.approx((c - 1) / c)
-    assert ev.effective_channels(one_hot) == pytest.approx(1.0)
+    assert gini(one_hot) == pytest.approx((c - 1) / c)
+    assert effective_channels(one_hot) == pytest.approx(1.0)
     # half the channels share everything: Gini 1/2 (mean |xi - xj| / (2 mean) = 0.5 / 1), two effective of four
-    assert ev.gini([0, 0, 1, 1]) == pytest.approx(0.5)
-    assert ev.effective_channels([0, 0, 1, 1]) == pytest.approx(2.0)
-    assert ev.gini([1, 2, 3]) == pytest.approx(2 / 9)  # sum |xi - xj| = 8, / (2 * 9 * 2)
+    assert gini([0, 0, 1, 1]) == pytest.approx(0.5)
+    assert effective_channels([0, 0, 1, 1]) == pytest.approx(2.0)
+    assert gini([1, 2, 3]) == pytest.approx(2 / 9)  # sum |xi - xj| = 8, / (2 * 9 * 2)
 
 
 def test_channel_norms_of_a_timm_model_cover_every_stage():
@@ -133,9 +141,9 @@ def test_channel_norms_of_a_timm_model_cover_every_stage():
 
     torch.manual_seed(0)
     net = create_model("preactresnet18_w16", num_classes=10, image_size=16)
-    model = ev.PixelModel(net, (0.5,) * 3, (0.5,) * 3).eval()
+    model = PixelModel(net, (0.5,) * 3, (0.5,) * 3).eval()
     x = torch.rand(6, 3, 16, 16)
-    norms = ev.channel_norms(model, x, batch_size=4)
+    norms = channel_norms(model, x, batch_size=4)
     assert list(norms) == ["stem.conv", "stages.0", "stages.1", "stages.2", "stages.3", "features"]
     assert [len(v) for v in norms.values()] == [16, 16, 32, 64, 128, 128]
     with torch.no_grad():  # the head's input: mean over samples of each channel's L2 norm
@@ -157,7 +165,7 @@ def test_ece_of_a_perfectly_calibrated_predictor_is_zero():
     # 40 predictions at 75 % confidence of which 30 are right, 20 at 95 % of which 19 are right
     conf = torch.tensor([0.75] * 40 + [0.95] * 20, dtype=torch.float64)
     y = torch.tensor([0] * 30 + [1] * 10 + [0] * 19 + [1], dtype=torch.long)
-    m = ev.calibration_metrics(_two_class_logits(conf), y, bins=15)
+    m = calibration_metrics(_two_class_logits(conf), y, bins=15)
     assert m["ece"] == pytest.approx(0.0, abs=1e-9)
     nll = (30 * -math.log(0.75) + 10 * -math.log(0.25) + 19 * -math.log(0.95) + -math.log(0.05)) / 60
     assert m["nll"] == pytest.approx(nll)
@@ -167,41 +175,47 @@ def test_ece_of_a_perfectly_calibrated_predictor_is_zero():
 def test_ece_of_an_overconfident_predictor():
     conf = torch.full((10,), 0.9, dtype=torch.float64)
     y = torch.tensor([0] * 6 + [1] * 4)
-    assert ev.calibration_metrics(_two_class_logits(conf), y)["ece"] == pytest.approx(30.0)
+    assert calibration_metrics(_two_class_logits(conf), y)["ece"] == pytest.approx(30.0)
 
 
 # ---------------------------------------------------------------------------
 # Corruptions and deformations
 
 
-def test_corruptions_by_hand_and_deterministic(tmp_path):
-    flat = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
-    assert torch.equal(ev.corrupt(flat, "contrast", 5), flat)  # no contrast to reduce
-    black = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-    assert (ev.corrupt(black, "brightness", 5) == round(0.3 * 255)).all()  # V = 0 + 0.3, grey
+def test_corrupted_images_are_cached(tmp_path):
+    # the algorithms themselves: tests/test_corruptions.py
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 16, 16), generator=g, dtype=torch.uint8)
-    for name in ev.CORRUPTIONS:
-        out = [ev.corrupt(images, name, s, seed=3) for s in range(1, 6)]
-        assert all(o.dtype == torch.uint8 and o.shape == images.shape for o in out), name
-        assert torch.equal(out[2], ev.corrupt(images, name, 3, seed=3)), name
-        change = [(o.float() - images.float()).abs().mean().item() for o in out]
-        assert change[4] > change[0], (name, change)
-    stack = ev.corrupted_images(images, "gaussian_noise", [1, 3], seed=0, cache_dir=tmp_path)
+    stack = corrupted_images(images, "gaussian_noise", [1, 3], seed=0, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 1
-    assert torch.equal(ev.corrupted_images(images, "gaussian_noise", [1, 3], 0, tmp_path), stack)
+    assert torch.equal(stack[1], corrupt(images, "gaussian_noise", 3, seed=0))
+    assert torch.equal(corrupted_images(images, "gaussian_noise", [1, 3], 0, tmp_path), stack)
+
+
+def test_a_changed_corruption_definition_is_not_read_from_the_cache(tmp_path, monkeypatch):
+    import dataclasses
+
+    from mixbench.evaluations import corruption as suite
+
+    images = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    old = corrupted_images(images, "contrast", [3], seed=0, cache_dir=tmp_path)
+    changed = dataclasses.replace(suite.CORRUPTIONS["contrast"], params=[0.9] * 5)  # a milder contrast
+    monkeypatch.setitem(suite.CORRUPTIONS, "contrast", changed)
+    new = corrupted_images(images, "contrast", [3], seed=0, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and not torch.equal(new, old)
+    assert torch.equal(new[0], corrupt(images, "contrast", 3, seed=0))
 
 
 def test_deformations():
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(ev.deform(x, "rotation", 0.0), x, atol=1e-5)
-    assert torch.allclose(ev.deform(x, "scale", 1.0), x, atol=1e-5)
-    assert torch.allclose(ev.deform(x, "rotation", 90.0)[0], x[0].rot90(1, (1, 2)), atol=1e-5) or \
-        torch.allclose(ev.deform(x, "rotation", 90.0)[0], x[0].rot90(-1, (1, 2)), atol=1e-5)
-    small, large = ev.deform(x, "elastic", 0.01), ev.deform(x, "elastic", 0.1)
+    assert torch.allclose(deform(x, "rotation", 0.0), x, atol=1e-5)
+    assert torch.allclose(deform(x, "scale", 1.0), x, atol=1e-5)
+    assert torch.allclose(deform(x, "rotation", 90.0)[0], x[0].rot90(1, (1, 2)), atol=1e-5) or \
+        torch.allclose(deform(x, "rotation", 90.0)[0], x[0].rot90(-1, (1, 2)), atol=1e-5)
+    small, large = deform(x, "elastic", 0.01), deform(x, "elastic", 0.1)
     assert (small - x).abs().mean() < (large - x).abs().mean()
     with pytest.raises(UsageError, match="unknown deformation"):
-        ev.deform(x, "shear", 1.0)
+        deform(x, "shear", 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +226,7 @@ def test_filter_normalised_direction():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     net(torch.rand(1, 3, 5, 5))
     params = {n: p.detach() for n, p in net.named_parameters()}
-    d = ev.filter_normalised_direction(params, torch.Generator().manual_seed(0))
+    d = filter_normalised_direction(params, torch.Generator().manual_seed(0))
     for name, p in params.items():
         if p.dim() <= 1:
             assert not d[name].any(), name
@@ -230,13 +244,13 @@ def test_landscape_loss_moves_the_weights_without_changing_them():
             return self.fc(x.flatten(1))
 
     torch.manual_seed(0)
-    model = ev.PixelModel(Flat(), [0.5], [0.25]).eval()
+    model = PixelModel(Flat(), [0.5], [0.25]).eval()
     x, y = torch.rand(10, 1, 3, 4), torch.arange(10) % 3
     params = {n: p.detach().clone() for n, p in model.model.named_parameters()}
-    d = ev.filter_normalised_direction(params, torch.Generator().manual_seed(1))
+    d = filter_normalised_direction(params, torch.Generator().manual_seed(1))
     w, b = params["fc.weight"] + 0.3 * d["fc.weight"], params["fc.bias"]  # the bias direction is zero
     by_hand = F.cross_entropy(((x - 0.5) / 0.25).flatten(1) @ w.T + b, y).item()
-    assert ev.landscape_loss(model, params, [d], [0.3], x, y, batch_size=4) == pytest.approx(by_hand, rel=1e-5)
+    assert landscape_loss(model, params, [d], [0.3], x, y, batch_size=4) == pytest.approx(by_hand, rel=1e-5)
     assert torch.equal(model.model.fc.weight, params["fc.weight"])  # the model itself is untouched
 
 
@@ -263,12 +277,12 @@ def test_filter_usage_during_training_interval():
     net = Staged()
     loader = [(torch.tensor([[3.0, 1.0, 0.0, 0.0]])[:, :, None, None], None)]
     spec = RunSpec(method="vanilla", dataset="synthetic", epochs=6, filter_usage_every=2)
-    recorded = [e for e in range(6) if ev.filter_usage_during_training(net, loader, spec, e)]
+    recorded = [e for e in range(6) if filter_usage_during_training(net, loader, spec, e)]
     assert recorded == [0, 2, 4, 5]  # every 2 epochs from the first, and the last
-    fu = ev.filter_usage_during_training(net, loader, spec, 0)["filter_usage"]
+    fu = filter_usage_during_training(net, loader, spec, 0)["filter_usage"]
     assert fu["features"]["norms"] == fu["stage"]["norms"] == [3.0, 1.0, 0.0, 0.0]
-    assert fu["mean_gini"] == pytest.approx(ev.gini([3, 1, 0, 0]))  # one stage
-    assert ev.filter_usage_during_training(net, loader, RunSpec(method="vanilla", dataset="synthetic"), 0) == {}
+    assert fu["mean_gini"] == pytest.approx(gini([3, 1, 0, 0]))  # one stage
+    assert filter_usage_during_training(net, loader, RunSpec(method="vanilla", dataset="synthetic"), 0) == {}
     with pytest.raises(UsageError, match="filter_usage_every must be an integer >= 0"):
         RunSpec(method="vanilla", dataset="synthetic", filter_usage_every=-1).resolved()
 
@@ -346,7 +360,7 @@ def test_evaluate_all_suites_small(run_dir, tmp_path):
     (["--suite", "calibration", "--set", "adversarial.eps=0.1"], "not among --suite"),
     (["--set", "adversarial.eps=big"], "adversarial.eps=big': expected a value like 0.031"),
     (["--set", "adversarial.pgd_steps=2.5"], "expected a value like 10"),
-    (["--set", "corruption.corruptions=[fog]"], "unknown corruption 'fog'; choose from: gaussian_noise"),
+    (["--set", "corruption.corruptions=[haze]"], "unknown corruption 'haze'; choose from: gaussian_noise"),
     (["--set", "corruption.severities=[0]"], "severity must be in 1..5"),
     (["--set", "loss_landscape.split=val"], "split must be train or test"),
 ])

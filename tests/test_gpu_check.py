@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py --quick: the GPU check's code paths on the CPU (throughput eager and compiled,
-every evaluation suite, the resume with fewer visible GPUs and the refused device change)."""
+every evaluation suite, the resume with fewer visible GPUs and the refused device change, a 2-process
+data-parallel epoch on Gloo, --decode gpu against PIL)."""
 import json
 import os
 import subprocess
@@ -33,3 +34,13 @@ def test_gpu_check_quick(tmp_path):
     assert resume["ok"] and resume["first_exit"] == 17 and resume["other_device_exit"] == 2
     assert "written on cuda" in resume["other_device_error"] and resume["resumed_from"]
     assert "| method |" in proc.stdout and "resume:" in proc.stdout
+    ddp = result["ddp"]  # two Gloo processes with sync BN, each method's epoch compiled like the throughput part's
+    assert ddp["ok"] and ddp["backend"] == "gloo", ddp
+    assert {k for k, v in ddp["methods"].items() if v["nproc"] == 2} == {
+        "vanilla (2 processes)", "manifold_mixup (2 processes)", "automix (2 processes)"}
+    assert all(v["compiled"] and v["final_top1"] > 0 for v in ddp["methods"].values())
+    assert "data-parallel (gloo, sync BN)" in proc.stdout
+    decode = result["decode"]  # --decode gpu on the CPU's decoder against PIL
+    assert decode["ok"] and decode["train"]["labels_and_shapes_equal"] and decode["val"]["mean_abs_diff"] < 3
+    assert [r["decoder"] for r in decode["speed"]] == ["PIL (workers)", "decode_jpeg (cpu)"]
+    assert "--decode gpu (decode_jpeg (cpu)) vs PIL (ok)" in proc.stdout

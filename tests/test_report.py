@@ -374,7 +374,7 @@ def filter_usage_record(skew: float) -> dict:
     """A filter_usage record as mixbench.evaluate writes it; ``skew`` > 0 concentrates the norms."""
     import torch
 
-    from mixbench.evaluate import filter_usage_summary
+    from mixbench.evaluations.filter_usage import filter_usage_summary
 
     norms = {name: torch.linspace(1.0, 1.0 + skew * c, c, dtype=torch.float64)
              for name, c in (("stages.0", 8), ("stages.1", 16), ("features", 16))}

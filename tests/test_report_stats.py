@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,31 @@ def test_closed_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
     assert err == ""
+
+
+CD_SCRIPT = """
+import sys, types
+from pathlib import Path
+import pandas as pd
+from mixbench.plots import method_colors, plot_critical_difference
+rows = ["vanilla", "mixup", "cutmix", "manifold_mixup", "fmix", "saliencymix"]
+nemenyi = pd.DataFrame(0.9, index=rows, columns=rows)  # one bar joins all but mixup and saliencymix
+nemenyi.loc["mixup", "saliencymix"] = nemenyi.loc["saliencymix", "mixup"] = 0.01
+ranks = types.SimpleNamespace(rows=rows, average=dict(zip(rows, [3.5, 2.0, 2.5, 4.0, 4.5, 4.5])),
+                              nemenyi=nemenyi, cd=1.8, p=0.2, columns=["a", "b", "c"])
+plot_critical_difference(ranks, Path(sys.argv[1]), method_colors(rows))
+"""
+
+
+@pytest.mark.slow  # two fresh interpreters
+def test_critical_difference_diagram_is_the_same_file_in_every_run(tmp_path):
+    # scikit-posthocs iterates a set of method names to draw each bar; string hashing differs per process.
+    pngs, pdfs = [], []
+    for seed in ("0", "1"):
+        path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": path}
+        subprocess.run([sys.executable, "-c", CD_SCRIPT, str(tmp_path / seed)], env=env, check=True)
+        pngs.append((tmp_path / seed / "critical_difference.png").read_bytes())
+        pdfs.append((tmp_path / seed / "critical_difference.pdf").read_bytes())
+    assert pngs[0][:8] == b"\x89PNG\r\n\x1a\n" and pngs[0] == pngs[1]
+    assert pdfs[0][:5] == b"%PDF-" and pdfs[0] == pdfs[1]  # no creation date either
