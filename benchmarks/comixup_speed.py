@@ -18,14 +18,12 @@ process's CPU time leaves out the workers'; the table shows both, and wall time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
 import time
 import types
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,34 +32,11 @@ from mixbench.methods import comixup as cm
 from mixbench.methods import create_method
 from mixbench.models import create_model
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from comixup_reference import load_comixup, reference_draws  # noqa: E402  (shared with tests/test_comixup.py)
+
 MEAN = torch.tensor([0.5071, 0.4865, 0.4409]).reshape(1, 3, 1, 1)
 STD = torch.tensor([0.2673, 0.2564, 0.2762]).reshape(1, 3, 1, 1)
-
-
-def load_reference(path):
-    spec = importlib.util.spec_from_file_location("match", os.path.join(path, "match.py"))
-    match = importlib.util.module_from_spec(spec)
-    sys.modules["match"] = match
-    spec.loader.exec_module(match)
-    spec = importlib.util.spec_from_file_location("comixup_reference_mixup", os.path.join(path, "mixup.py"))
-    mixup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mixup)
-    solve = match.get_onehot_matrix
-    mixup.get_onehot_matrix = lambda *a, **k: solve(*a, **{**k, "device": "cpu"})
-    return mixup
-
-
-def reference_draws(seed, n, part, block_num, alpha):
-    """The reference's draws in its order (torch Dirichlet, numpy labels per partition); reseeds for it."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    priors, inits = [], []
-    for a, b in cm.partition_bounds(n, part):
-        priors.append(torch.distributions.dirichlet.Dirichlet(alpha * torch.ones(b - a)).sample().numpy())
-        inits.append(np.random.randint(0, b - a, (b - a, block_num, block_num)))
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    return priors, inits
 
 
 def worker_cpu(pool) -> float:
@@ -112,7 +87,7 @@ def main() -> None:
     A_dist = cm.compatibility(saliency)
     hyper = method.hyper()
     pool = method.pool
-    reference = load_reference(args.reference) if args.reference else None
+    reference = load_comixup(args.reference) if args.reference else None
     ref_args = types.SimpleNamespace(
         m_block_num=method.block_num, m_part=method.part, m_beta=method.beta, m_gamma=method.gamma,
         m_eta=method.eta, mixup_alpha=method.alpha, m_thres=method.thres, m_thres_type=method.thres_type,

@@ -42,7 +42,7 @@ def default_workers() -> int:
     """One worker per available core, less the calling process's own.
 
     The available cores are the process's CPU affinity, capped by ``$MIXBENCH_CPUS`` when set
-    (runs that share a node in parallel each get their share, see ``mixbench.launch``).
+    (runs that share a node in parallel each get their share, see ``mixbench.launchers.local``).
     """
     try:
         cores = len(os.sched_getaffinity(0))

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugins(p)
 
     p = sub.add_parser("run", help="train a grid of runs (here, or as a Slurm job array)")
-    p.add_argument("--config", type=Path, metavar="SPEC.yaml",
-                   help="benchmark spec (a YAML grid, e.g. benchmarks/digits.yaml); the flags below override it")
+    p.add_argument("--config", type=Path, metavar="BENCHMARK.yaml",
+                   help="benchmark (a YAML grid, e.g. benchmarks/digits.yaml); the flags below override it")
     _add_plugins(p)
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="local: train here (one run per GPU in parallel); slurm: submit one job array and return")
@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Slurm profile (partition, GPUs, time...; e.g. slurm/example.yaml); with --executor slurm")
     p.add_argument("--dry-run", action="store_true",
                    help="print the grid (and the sbatch script with --executor slurm) without running anything")
-    p.add_argument("--methods", help="'all' or a comma-separated list (default: the spec's, else all)")
-    p.add_argument("--dataset", help="data set name (default: the spec's, else digits; see `mixbench list datasets`)")
+    p.add_argument("--methods", help="'all' or a comma-separated list (default: the benchmark's, else all)")
+    p.add_argument("--dataset", help="data set name (default: the benchmark's, else digits; see `mixbench list datasets`)")
     p.add_argument("--model", help="timm model name or alias (default: the data set's)")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first layers: cifar (3x3 stride 1), cifar-s2 (3x3 stride 2), imagenet (timm's); "
                         "default: the data set's, else auto (cifar at 64 px or less)")
     p.add_argument("--metric", choices=["final", "best", "last10"],
-                   help="top-1 rule of the summary printed at the end (default: the spec's `metric`, else final)")
-    p.add_argument("--seeds", help="comma-separated seeds (default: the spec's, else 0)")
-    p.add_argument("--out", type=Path, help=f"results folder (default: the spec's `out`, else {DEFAULT_OUT})")
+                   help="top-1 rule of the summary printed at the end (default: the benchmark's `metric`, else final)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the benchmark's, else 0)")
+    p.add_argument("--out", type=Path, help=f"results folder (default: the benchmark's `out`, else {DEFAULT_OUT})")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--data-dir", help="data folder (default: $MIXBENCH_DATA or ~/.cache/mixbench)")
     p.add_argument("--download", action="store_true", help="download the data set if it is missing")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="write TensorBoard event files of every epoch's metrics into each run folder "
-                        "(`tensorboard --logdir OUT` shows every run of the grid; the spec option `tensorboard`)")
+                        "(`tensorboard --logdir OUT` shows every run of the grid; the benchmark option `tensorboard`)")
     p.add_argument("--eval", help="evaluation suites to run after training: 'all' or a comma-separated list "
                    "(see `mixbench evaluate`)")
     p.add_argument("--filter-usage-every", type=_positive_int, metavar="N",
@@ -144,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="state of every cell of a grid: done / running / pending / failed")
     p.add_argument("results", nargs="?", type=Path, metavar="RESULTS_DIR",
-                   help=f"results folder (default: the spec's `out` with --config, else {DEFAULT_OUT})")
-    p.add_argument("--config", type=Path, metavar="SPEC.yaml",
-                   help="list every cell of this benchmark spec, including those not started")
+                   help=f"results folder (default: the benchmark's `out` with --config, else {DEFAULT_OUT})")
+    p.add_argument("--config", type=Path, metavar="BENCHMARK.yaml",
+                   help="list every cell of this benchmark, including those not started")
     p.add_argument("--methods", help="with --config: the same override as given to `run`")
     p.add_argument("--seeds", help="with --config: the same override as given to `run`")
     p.add_argument("--epochs", type=_positive_int, help="with --config: the same override as given to `run`")
@@ -185,19 +185,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _grid_from_args(args: argparse.Namespace):
-    """The grid of `run` / `status`: the --config spec (if any) with the command-line flags over it."""
-    from mixbench.grid import check_models, expand_spec, load_spec, spec_out
+    """The grid of `run` / `status`: the --config benchmark (if any) with the command-line flags over it."""
+    from mixbench.benchmark import benchmark_out, check_models, expand_benchmark, load_benchmark
     from mixbench.plugins import load_plugins
 
     load_plugins(getattr(args, "plugins", None))  # before the method names are read
-    spec = load_spec(args.config) if getattr(args, "config", None) else {}
-    specs = expand_spec(spec, _run_overrides(args) if hasattr(args, "methods") else {})
+    benchmark = load_benchmark(args.config) if getattr(args, "config", None) else {}
+    specs = expand_benchmark(benchmark, _run_overrides(args) if hasattr(args, "methods") else {})
     check_models(specs)
-    return specs, (getattr(args, "out", None) or spec_out(spec, DEFAULT_OUT))
+    return specs, (getattr(args, "out", None) or benchmark_out(benchmark, DEFAULT_OUT))
 
 
 def _run_overrides(args: argparse.Namespace) -> dict:
-    """Run options given on the command line (they override a benchmark spec)."""
+    """Run options given on the command line (they override a benchmark)."""
     from mixbench.spec import parse_methods, parse_seeds
 
     # `status` has fewer flags; False is a value only for --no-compile (store_true flags default to False)
@@ -235,13 +235,13 @@ def _check_decode_device(specs) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mixbench import launch
-    from mixbench.grid import describe
+    from mixbench.benchmark import describe
+    from mixbench.launchers import slurm
 
     if args.profile and args.executor != "slurm":
         raise UsageError(f"--profile {str(args.profile)!r} needs --executor slurm")
     specs, out = _grid_from_args(args)
-    profile = launch.load_profile(args.profile) if args.executor == "slurm" else None
+    profile = slurm.load_profile(args.profile) if args.executor == "slurm" else None
     if args.dry_run:
         for s in specs:
             print(f"{s.method:16s} {s.dataset:10s} {str(s.model):20s} seed {s.seed}  {s.run_dir(out)}")
@@ -250,29 +250,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             folder = Path(profile.get("log_dir") or Path(out).resolve() / "slurm-logs")
             print(f"\n# {describe(specs)}; sbatch script:\n")
-            print(launch.sbatch_script(profile, folder, len(specs), max(s.nproc for s in specs)))
+            print(slurm.sbatch_script(profile, folder, len(specs), max(s.nproc for s in specs)))
         return 0
     if profile is not None:
-        launch.submit_slurm(specs, out, profile)
+        slurm.submit_slurm(specs, out, profile)
         return 0
     _check_decode_device(specs)
-    from mixbench.grid import load_spec
+    from mixbench.benchmark import load_benchmark
     from mixbench.report import METRICS, summary_table
 
-    metric = args.metric or (load_spec(args.config).get("metric") if args.config else None) or "final"
-    from mixbench import dp_launch
+    metric = args.metric or (load_benchmark(args.config).get("metric") if args.config else None) or "final"
+    from mixbench.launchers import data_parallel, local
 
-    devices = [] if any(s.nproc > 1 for s in specs) else launch.local_devices(specs)
-    if dp_launch.under_external_launcher():  # one rank of torchrun: train the grid with the other ranks
-        results = dp_launch.run_grid_as_rank(specs, out, progress=not args.no_progress)
+    devices = [] if any(s.nproc > 1 for s in specs) else local.local_devices(specs)
+    if data_parallel.under_external_launcher():  # one rank of torchrun: train the grid with the other ranks
+        results = data_parallel.run_grid_as_rank(specs, out, progress=not args.no_progress)
         if int(os.environ.get("RANK", 0)) != 0:
             return 0
     elif any(s.nproc > 1 for s in specs):
-        results = dp_launch.run_grid_local(specs, out, progress=not args.no_progress)
+        results = data_parallel.run_grid_local(specs, out, progress=not args.no_progress)
     elif devices:
-        results = launch.run_parallel(specs, out, devices, progress=not args.no_progress)
+        results = local.run_parallel(specs, out, devices, progress=not args.no_progress)
     else:
-        results = launch.run_local(specs, out, progress=not args.no_progress)
+        results = local.run_local(specs, out, progress=not args.no_progress)
     print()
     print(summary_table(results, metric=METRICS[metric][0]))
     print(f"\nresults in {out}")
@@ -283,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mixbench.launch import format_status, grid_status
+    from mixbench.launchers.status import format_status, grid_status
 
     if args.config and args.results:
         out = args.results
@@ -292,8 +292,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         out = args.results or DEFAULT_OUT
     if args.config:
-        specs, spec_out = _grid_from_args(args)
-        out = out or spec_out
+        specs, benchmark_out = _grid_from_args(args)
+        out = out or benchmark_out
     else:
         specs = None
         if not Path(out).is_dir():

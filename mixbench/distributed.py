@@ -42,7 +42,7 @@ What a data-parallel run does (:class:`Parallel`, used by :mod:`mixbench.train` 
 - **Failures.** A rank that dies takes the run down: the launcher stops the other ranks and
   reports which rank failed and how; the next launch resumes from the last checkpoint.
 
-The launchers are in :mod:`mixbench.dp_launch`; every worker process starts in
+The launchers are in :mod:`mixbench.launchers.data_parallel`; every worker process starts in
 :func:`init_worker`.
 """
 from __future__ import annotations
@@ -240,16 +240,16 @@ class Parallel:
         dist.all_reduce(t)
         return t / self.world
 
-    def evaluate(self, evaluate: Callable, model: nn.Module, loader: Any, autocast: Callable) -> Dict[str, float]:
-        """``evaluate(model, loader, autocast)``; with several ranks each evaluates its share of the
-        test set and the counts are summed."""
+    def test_metrics(self, metrics: Callable, model: nn.Module, loader: Any, autocast: Callable) -> Dict[str, float]:
+        """``metrics(model, loader, autocast)`` (:func:`mixbench.train.test_metrics`); with several ranks
+        each measures its share of the test set and the counts are summed."""
         if not self.active:
-            return evaluate(model, loader, autocast)
+            return metrics(model, loader, autocast)
         part = eval_shard(loader, self.rank, self.world)
         n = part.num_samples
         sums = torch.zeros(4, dtype=torch.float64)
         if n:
-            m = evaluate(model, part, autocast)
+            m = metrics(model, part, autocast)
             sums += torch.tensor([round(m["test_top1"] * n / 100), round(m["test_top5"] * n / 100),
                                   m["test_loss"] * n, n], dtype=torch.float64)
         sums = sums.to(loader.device) if dist.get_backend() == "nccl" else sums

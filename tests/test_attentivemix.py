@@ -17,7 +17,7 @@ from mixbench import UsageError
 from mixbench.methods import create_method, get_method
 from mixbench.methods import attentivemix as am
 from mixbench.models import create_model
-from mixbench.grid import expand_spec
+from mixbench.benchmark import expand_benchmark
 from mixbench.spec import parse_methods
 from model_kinds import KINDS, build
 
@@ -208,17 +208,17 @@ def test_unavailable_without_an_extractor(monkeypatch, capsys, extractor):
     with pytest.raises(UsageError, match="needs a pretrained feature extractor"):
         create_method("attentivemix")
     with pytest.raises(UsageError, match="needs a pretrained feature extractor"):
-        expand_spec({"dataset": "synthetic", "methods": ["mixup", "attentivemix"]})
+        expand_benchmark({"dataset": "synthetic", "methods": ["mixup", "attentivemix"]})
     names = parse_methods("all")
     assert "attentivemix" not in names and "vanilla" in names
     assert "skipping attentivemix: attentivemix needs a pretrained feature extractor" in capsys.readouterr().err
     # the checkpoint as a method parameter of the spec, without the environment variable
     assert cls.available(extractor=str(extractor))
-    (cell,) = expand_spec({"dataset": "synthetic", "methods": {"attentivemix": {
+    (cell,) = expand_benchmark({"dataset": "synthetic", "methods": {"attentivemix": {
         "method_params": {"extractor": str(extractor)}}}})
     assert cell.method_params["extractor"] == str(extractor)
     with pytest.raises(UsageError, match="missing.pt is not a file"):
-        expand_spec({"dataset": "synthetic", "methods": {"attentivemix": {
+        expand_benchmark({"dataset": "synthetic", "methods": {"attentivemix": {
             "method_params": {"extractor": str(extractor.parent / "missing.pt")}}}})
     monkeypatch.setenv(am.ENV, str(extractor.parent / "missing.pt"))
     assert not cls.available() and "is not a file" in cls.unavailable_reason()

@@ -514,6 +514,7 @@ def test_training_steps_match_openmixup(monkeypatch, kind, side, n):
 
 # -- training in the harness: checkpoints and an exact resume after kill -9 ----------------------------
 
+@pytest.mark.slow
 def test_harness_checkpoint_holds_the_method_modules_and_their_optimizer_group(tmp_path, monkeypatch):
     import mixbench.train as train
     from mixbench.spec import RunSpec
@@ -536,42 +537,21 @@ def test_harness_checkpoint_holds_the_method_modules_and_their_optimizer_group(t
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_is_identical(tmp_path):
-    import signal
-    import subprocess
-    import time
+    from helpers import assert_same_run, first_checkpoint, kill_9_when, metrics, mixbench_run, resumed_epoch
 
-    from test_resume import assert_same_run, metrics
-
-    def launch(out):
-        cmd = [sys.executable, "-m", "mixbench", "run", "--methods", "automix", "--dataset", "synthetic",
-               "--train-subset", "128", "--batch-size", "16", "--epochs", "3", "--seeds", "1", "--device", "cpu",
-               "--checkpoint-every-min", "0", "--no-progress", "--out", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    ref_proc = launch(tmp_path / "ref")
+    run = ("--methods", "automix", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "16",
+           "--epochs", "3", "--seeds", "1", "--device", "cpu", "--checkpoint-every-min", "0", "--no-progress")
+    ref_proc = mixbench_run(tmp_path / "ref", *run, cwd=tmp_path)
     assert ref_proc.wait(timeout=600) == 0, ref_proc.stderr.read()
-    victim = launch(tmp_path / "run")
-    deadline = time.time() + 600
-    killed_at = None
-    while time.time() < deadline and victim.poll() is None:
-        found = list((tmp_path / "run").rglob("checkpoint.pt.sha256"))
-        if found:
-            time.sleep(0.5)  # into the next epoch
-            killed_at = len(metrics(found[0].parent))
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, victim.stderr.read()
-    assert killed_at is not None and 1 <= killed_at < 3
-    run_dir = next((tmp_path / "run").rglob("metrics.jsonl")).parent
+    victim = mixbench_run(tmp_path / "run", *run, cwd=tmp_path)
+    run_dir = kill_9_when(victim, lambda: first_checkpoint(tmp_path / "run"), timeout=600, settle=0.5)
+    killed_at = len(metrics(run_dir))
+    assert 1 <= killed_at < 3
     ref_dir = next((tmp_path / "ref").rglob("result.json")).parent
     assert not (run_dir / "result.json").exists()
 
-    again = launch(tmp_path / "run")
+    again = mixbench_run(tmp_path / "run", *run, cwd=tmp_path)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
-    resumed = [line for line in err.splitlines() if "resuming" in line]
-    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 1, err
+    assert resumed_epoch(err) >= 1, err
     assert_same_run(ref_dir, run_dir)

@@ -9,7 +9,7 @@ import torch
 import mixbench.checkpoint as ckpt
 import mixbench.train as train
 from mixbench.checkpoint import Checkpointer, load_checkpoint
-from mixbench.launch import RunTask
+from mixbench.launchers.slurm import RunTask
 from mixbench.spec import RunSpec
 from mixbench.train import train_run
 
@@ -38,19 +38,19 @@ class Killed(BaseException):
 @pytest.fixture
 def harness(monkeypatch):
     """A fake clock that advances MINUTES_PER_EPOCH per epoch, a log of checkpoint writes, and an action
-    run at the end of a chosen epoch's evaluation (before its checkpoint decision)."""
+    run at the end of a chosen epoch's test metrics (before its checkpoint decision)."""
     clock = Clock()
     monkeypatch.setattr(ckpt, "_clock", clock)
     writes, actions = [], {}
-    real_save, real_eval = train.save_checkpoint, train.evaluate
+    real_save, real_metrics = train.save_checkpoint, train.test_metrics
     epoch = [0]
 
     def save(run_dir, state):
         writes.append(state["epoch"])
         real_save(run_dir, state)
 
-    def evaluate(*args, **kwargs):
-        out = real_eval(*args, **kwargs)
+    def test_metrics(*args, **kwargs):
+        out = real_metrics(*args, **kwargs)
         clock.now += MINUTES_PER_EPOCH * 60
         action = actions.pop(epoch[0], None)
         epoch[0] += 1
@@ -63,7 +63,7 @@ def harness(monkeypatch):
         writes.clear()
 
     monkeypatch.setattr(train, "save_checkpoint", save)
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "test_metrics", test_metrics)
     return {"writes": writes, "actions": actions, "reset": reset, "clock": clock}
 
 
@@ -82,6 +82,7 @@ def assert_same(a, b):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_a_long_interval_checkpoints_only_at_the_last_epoch(tmp_path, harness):
     train_run(spec_(checkpoint_every_min=1e6), tmp_path / "run", progress=False)
     assert harness["writes"] == [EPOCHS]
@@ -93,6 +94,7 @@ def test_a_long_interval_checkpoints_only_at_the_last_epoch(tmp_path, harness):
     assert harness["writes"] == [3, 5]
 
 
+@pytest.mark.slow
 def test_a_kill_resumes_from_the_last_written_epoch_and_ends_equal(tmp_path, harness, monkeypatch, capsys):
     ref = tmp_path / "ref"
     train_run(spec_(checkpoint_every_min=0), ref, progress=False)
@@ -119,6 +121,7 @@ def test_a_kill_resumes_from_the_last_written_epoch_and_ends_equal(tmp_path, har
     assert_same(ref, run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["signal", "interrupt"])
 def test_preemption_writes_the_last_finished_epoch(tmp_path, harness, capsys, how):
     ref = tmp_path / "ref"

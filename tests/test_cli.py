@@ -14,6 +14,7 @@ RESULT_FIELDS = {
 }
 
 
+@pytest.mark.slow
 def test_run_writes_complete_results_and_skips_them_next_time(tmp_path):
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "mixbench", "run", "--methods", "vanilla,mixup", "--dataset", "synthetic",
@@ -43,6 +44,7 @@ def test_run_writes_complete_results_and_skips_them_next_time(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in results} == before
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(tmp_path):
     args = ["run", "--methods", "cutmix", "--dataset", "synthetic", "--epochs", "1", "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from comixup_reference import load_comixup, reference_draws
 from mixbench import UsageError
 from mixbench.methods import create_method, get_method
 from mixbench.methods import comixup as cm
@@ -235,33 +236,6 @@ def test_missing_gco_is_a_clear_error_and_all_skips_comixup(monkeypatch, capsys)
 REFERENCE = os.environ.get("COMIXUP_REFERENCE")
 
 
-def load_reference(monkeypatch):
-    """The reference's ``match`` and ``mixup`` modules, with its hard-coded device='cuda' replaced by the CPU."""
-    spec = importlib.util.spec_from_file_location("match", os.path.join(REFERENCE, "match.py"))
-    match = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "match", match)  # mixup.py does `from match import ...`
-    spec.loader.exec_module(match)
-    spec = importlib.util.spec_from_file_location("comixup_reference_mixup", os.path.join(REFERENCE, "mixup.py"))
-    mixup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mixup)
-    solve = match.get_onehot_matrix
-    mixup.get_onehot_matrix = lambda *a, **k: solve(*a, **{**k, "device": "cpu"})
-    return mixup
-
-
-def reference_draws(seed, n, part, block_num, alpha):
-    """The reference's random draws in its order: per partition a torch Dirichlet, then numpy's initial labels."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    priors, inits = [], []
-    for a, b in cm.partition_bounds(n, part):
-        priors.append(torch.distributions.dirichlet.Dirichlet(alpha * torch.ones(b - a)).sample().numpy())
-        inits.append(np.random.randint(0, b - a, (b - a, block_num, block_num)))
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    return priors, inits
-
-
 @pytest.mark.skipif(not REFERENCE, reason="set COMIXUP_REFERENCE to a checkout of snu-mllab/Co-Mixup")
 @pytest.mark.parametrize("n, width, block_num, part, hyper", [
     (40, 32, 4, 20, {}),
@@ -271,7 +245,7 @@ def reference_draws(seed, n, part, block_num, alpha):
     (20, 32, 4, 10, dict(set_resolve=False, m_beta=0.16, m_thres=0.81)),
 ])
 def test_same_as_reference_mixup_process(monkeypatch, n, width, block_num, part, hyper):
-    mixup = load_reference(monkeypatch)
+    mixup = load_comixup(REFERENCE, monkeypatch)
     args = dict(m_block_num=block_num, m_part=part, m_beta=0.32, m_gamma=1.0, m_eta=0.05, mixup_alpha=2.0,
                 m_thres=0.83, m_thres_type="hard", set_resolve=True, m_niter=4, m_omega=0.001)
     args.update(hyper)

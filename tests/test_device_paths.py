@@ -13,7 +13,7 @@ import mixbench.train as train
 from mixbench import UsageError
 from mixbench.checkpoint import checkpoint_device, load_checkpoint, save_checkpoint
 from mixbench.cli import main
-from mixbench.launch import _environment, available_cpus, worker_environment
+from mixbench.launchers.local import _environment, available_cpus, worker_environment
 from mixbench.methods import input_gradient_saliency
 from mixbench.methods import puzzlemix as pm
 from mixbench.models import create_model
@@ -156,6 +156,7 @@ def test_worker_environment_pins_one_gpu_and_shares_the_cores():
         worker_environment(2, 3, environ={"CUDA_VISIBLE_DEVICES": "0,1"})
 
 
+@pytest.mark.slow
 def test_a_spawned_worker_inherits_its_environment_and_the_parent_keeps_its_own(monkeypatch):
     import multiprocessing as mp
 

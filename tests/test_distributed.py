@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import first_checkpoint, kill_9_when
 from mixbench import UsageError
-from mixbench.dp_launch import RankFailed, launch_local
+from mixbench.launchers.data_parallel import RankFailed, launch_local
 from mixbench.methods import get_method, list_methods
 from mixbench.spec import RunSpec
 from mixbench.train import train_run
@@ -50,6 +49,7 @@ def test_bad_parallel_options_are_usage_errors():
         train_run(_spec(nproc=2), Path("/nonexistent-never-created"), progress=False)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_sync_bn_equal_one_process_after_20_steps(tmp_path):
     """Vanilla, synchronised BatchNorm, the same global batch of 32: 20 optimiser steps in 2 Gloo processes
     end with the weights of one process (<= 1e-5), and the same test metrics."""
@@ -76,6 +76,7 @@ def test_two_ranks_with_sync_bn_equal_one_process_after_20_steps(tmp_path):
     assert len((two.run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_every_rank_state(tmp_path, monkeypatch):
     """An interrupted 2-rank run leaves a checkpoint with both ranks' RNG, loader and method states."""
     from mixbench import train
@@ -117,19 +118,15 @@ def test_kill_9_of_one_rank_then_rerun_is_identical(tmp_path):
     resumes from the last checkpoint and ends exactly as an uninterrupted 2-process run."""
     killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
     victim = subprocess.Popen(_cli(killed_out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    killed_at = None
-    while time.time() < deadline and victim.poll() is None:
-        metrics = list(killed_out.rglob("metrics.jsonl"))
-        if metrics and (metrics[0].parent / "checkpoint.pt.sha256").exists():  # epoch 0 is checkpointed
-            pid = _rank_pid(killed_out, 1)
-            if pid:
-                killed_at = metrics[0].read_text().count("\n")
-                os.kill(pid, signal.SIGKILL)
-                break
-        time.sleep(0.05)
+
+    def rank_1_after_the_first_checkpoint():
+        run_dir = first_checkpoint(killed_out)
+        pid = run_dir and _rank_pid(killed_out, 1)
+        return pid and (pid, (run_dir / "metrics.jsonl").read_text().count("\n"))
+
+    _, killed_at = kill_9_when(victim, rank_1_after_the_first_checkpoint, timeout=300, pid=lambda found: found[0])
     out, err = victim.communicate(timeout=120)
-    assert killed_at is not None and killed_at < 3, err
+    assert killed_at < 3, err
     assert victim.returncode != 0
     assert "rank 1" in err and "SIGKILL" in err and "rerun to resume" in err, err
     run_dir = next(killed_out.rglob("metrics.jsonl")).parent
@@ -152,18 +149,19 @@ def test_kill_9_of_one_rank_then_rerun_is_identical(tmp_path):
     assert [m["train_loss"] for m in ma] == [m["train_loss"] for m in mb]
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_takes_the_run_down(tmp_path, monkeypatch):
     from mixbench import train
 
-    real = train.evaluate
+    real = train.test_metrics
 
-    def evaluate(*args, **kwargs):
+    def test_metrics(*args, **kwargs):
         if os.environ.get("RANK") == "1":
             raise RuntimeError("rank 1 fails here")
         return real(*args, **kwargs)
 
     spec = _spec(nproc=2)
-    monkeypatch.setattr(train, "evaluate", evaluate)  # the forked ranks inherit it
+    monkeypatch.setattr(train, "test_metrics", test_metrics)  # the forked ranks inherit it
     with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) exit code 1"):
         launch_local(spec, spec.run_dir(tmp_path), progress=False)
 
@@ -230,14 +228,16 @@ def test_imagenet_spec_resolves_on_an_imagefolder_tree(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count(" resnet50 ") == 5 and f"imagefolder:{tree}" in out and "# 5 runs" in out
-    from mixbench.grid import expand_spec, load_spec
+    from mixbench.benchmark import expand_benchmark, load_benchmark
 
-    specs = expand_spec(load_spec(REPO / "benchmarks" / "imagenet_resnet50.yaml"), {"data_dir": str(tree)})
+    benchmark = load_benchmark(REPO / "benchmarks" / "imagenet_resnet50.yaml")
+    specs = expand_benchmark(benchmark, {"data_dir": str(tree)})
     s = specs[0]
     assert (s.nproc, s.batch_size, s.epochs, s.milestones, s.lr, s.data_mode) == (4, 256, 300, [75, 150, 225], 0.1,
                                                                                       "stream")
 
 
+@pytest.mark.slow
 def test_two_ranks_stream_an_imagefolder_tree(tmp_path):
     """A 2-process run streaming JPEGs from an ImageFolder tree (decoding in DataLoader workers)."""
     tree = _imagenet_tree(tmp_path / "imagenet")
@@ -269,6 +269,7 @@ def test_a_run_locked_by_another_launcher_is_left_alone(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_methods_own_modules_stay_equal_across_ranks(tmp_path, monkeypatch):
     """AutoMix's mixing block is trained outside the model (outside DDP): its gradients are averaged over the
     ranks, so after training both ranks hold the same block (and the same momentum encoder weights)."""

@@ -337,6 +337,7 @@ def test_evaluate_cli_merges_into_result_json(run_dir, tmp_path):
     assert 1 <= fu["stages.3"]["effective_channels"] <= 128 and 0 <= fu["stages.3"]["gini"] < 1
 
 
+@pytest.mark.slow
 def test_evaluate_all_suites_small(run_dir, tmp_path):
     assert main(["evaluate", str(run_dir.parent), "--max-samples", "16", "--device", "cpu",
                  "--cache-dir", str(tmp_path), "--set", "corruption.corruptions=[contrast,jpeg_compression]",

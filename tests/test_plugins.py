@@ -21,7 +21,8 @@ import yaml
 
 from mixbench import UsageError, plugins
 from mixbench.cli import main
-from mixbench.launch import read_launch, run_parallel
+from mixbench.launchers.local import run_parallel
+from mixbench.launchers.record import read_launch
 from mixbench.methods import get_method, list_methods
 from mixbench.methods._registry import _METHODS
 from mixbench.results import is_complete, read_result
@@ -157,16 +158,16 @@ def test_plugin_source_is_hashed_into_the_run_id(outside, tmp_path):
     assert _protocol({"spec": spec.to_dict()}) == _protocol({"spec": vanilla.to_dict()})
 
 
-def test_spec_key_plugins_relative_to_the_spec(outside, tmp_path, capsys, monkeypatch):
-    spec = outside / "bench.yaml"
-    spec.write_text("plugins: [bandmix.py]\ndataset: synthetic\nepochs: 1\nmethods:\n  vanilla:\n"
-                    "  bandmix: {method_params: {alpha: 0.5}}\n")
-    monkeypatch.chdir(tmp_path)  # not the spec's folder
-    assert main(["run", "--config", str(spec), "--dry-run", "--out", str(tmp_path / "runs")]) == 0
+def test_benchmark_key_plugins_relative_to_the_benchmark(outside, tmp_path, capsys, monkeypatch):
+    benchmark = outside / "bench.yaml"
+    benchmark.write_text("plugins: [bandmix.py]\ndataset: synthetic\nepochs: 1\nmethods:\n  vanilla:\n"
+                         "  bandmix: {method_params: {alpha: 0.5}}\n")
+    monkeypatch.chdir(tmp_path)  # not the benchmark's folder
+    assert main(["run", "--config", str(benchmark), "--dry-run", "--out", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^bandmix .* seed 0", out, re.M) and "2 runs: 2 method(s)" in out
     # and the same through `status --config`
-    assert main(["status", "--config", str(spec), str(tmp_path / "runs")]) == 0
+    assert main(["status", "--config", str(benchmark), str(tmp_path / "runs")]) == 0
     assert "bandmix" in capsys.readouterr().out
 
 
@@ -205,11 +206,11 @@ def test_error_plugin_file_missing(tmp_path, capsys, clean_registry):
                    "'no_such_module_xyz' is neither a Python file nor an importable module")
 
 
-def test_error_plugin_missing_from_a_spec(tmp_path, capsys, clean_registry):
-    spec = tmp_path / "bench.yaml"
-    spec.write_text("plugins: [missing_mix.py]\nmethods: [vanilla]\n")
-    one_line_error(capsys, ["run", "--config", str(spec), "--dry-run"],
-                   f"{spec}: plugin 'missing_mix.py' does not exist ({tmp_path / 'missing_mix.py'})")
+def test_error_plugin_missing_from_a_benchmark(tmp_path, capsys, clean_registry):
+    benchmark = tmp_path / "bench.yaml"
+    benchmark.write_text("plugins: [missing_mix.py]\nmethods: [vanilla]\n")
+    one_line_error(capsys, ["run", "--config", str(benchmark), "--dry-run"],
+                   f"{benchmark}: plugin 'missing_mix.py' does not exist ({tmp_path / 'missing_mix.py'})")
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -280,6 +281,7 @@ def _cli(args, cwd, env=None, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_entry_point_of_an_installed_package(tmp_path):
     site = tmp_path / "site"
     (site / "labmix").mkdir(parents=True)
@@ -307,6 +309,7 @@ def test_entry_point_of_an_installed_package(tmp_path):
 # ---------------------------------------------------------------------------
 # mixbench new-method
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_new_method_writes_a_file_that_passes_its_own_test(tmp_path, capsys, clean_registry):
     assert main(["new-method", "wavemix", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -324,6 +327,7 @@ def test_new_method_writes_a_file_that_passes_its_own_test(tmp_path, capsys, cle
     one_line_error(capsys, ["new-method", "Bad-Name", "--dir", str(tmp_path)], "must be lower case")
 
 
+@pytest.mark.slow
 def test_new_method_test_fails_on_a_wrong_label_weight(tmp_path, capsys):
     # The generated test can fail: a core whose weights are not the realised share is caught.
     assert main(["new-method", "wrongmix", "--dir", str(tmp_path)]) == 0
@@ -431,6 +435,7 @@ def test_plugin_method_in_parallel_worker_processes(outside, tmp_path, capsys):
 from test_slurm import _logs, _wait, slurm_cluster  # noqa: E402,F401  (the cluster fixture of test_slurm)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_plugin_method_through_slurm(slurm_cluster, outside, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "runs"

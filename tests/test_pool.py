@@ -63,6 +63,7 @@ def test_guard_detection(tmp_path, monkeypatch):
     assert _pool.unguarded_main_script() is None
 
 
+@pytest.mark.slow
 def test_unguarded_script_says_so_and_runs_serially(tmp_path):
     proc = run_script(tmp_path, BODY)
     assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,7 @@ import torch.nn as nn
 from mixbench import UsageError
 from mixbench.methods import create_method, get_method
 from mixbench.methods import puzzlemix as pm
-from mixbench.grid import expand_spec
+from mixbench.benchmark import expand_benchmark
 from mixbench.spec import parse_methods
 
 
@@ -261,7 +261,7 @@ def test_missing_gco_is_a_clear_error_and_all_skips_puzzlemix(monkeypatch, capsy
     with pytest.raises(UsageError, match="pip install gco-wrapper"):
         create_method("puzzlemix")
     with pytest.raises(UsageError, match="pip install gco-wrapper"):
-        expand_spec({"dataset": "synthetic", "methods": ["mixup", "puzzlemix"]})
+        expand_benchmark({"dataset": "synthetic", "methods": ["mixup", "puzzlemix"]})
     names = parse_methods("all")
     assert "puzzlemix" not in names and "vanilla" in names
     assert "skipping puzzlemix" in capsys.readouterr().err

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from mixbench.data import get_dataset_info
-from mixbench.grid import expand_spec, load_spec
+from mixbench.benchmark import expand_benchmark, load_benchmark
 from mixbench.losses import get_loss
 from mixbench.methods import create_method, get_method
 from mixbench.models import count_parameters, create_model
@@ -43,7 +43,7 @@ if REFERENCE:
     pytest.importorskip("gco", reason="the PuzzleMix cases need gco-wrapper")
 
 N, K, SIDE = 8, 100, 32
-SPEC = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cifar100_preactresnet18.yaml")
+BENCHMARK = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cifar100_preactresnet18.yaml")
 
 
 # -- the protocol's values (always run) -------------------------------------------
@@ -54,7 +54,7 @@ def test_cifar100_protocol_values():
     assert info.crop_padding == 2 and info.flip
     assert info.mean == pytest.approx([129.3 / 255, 124.1 / 255, 112.4 / 255], abs=0)
     assert info.std == pytest.approx([68.2 / 255, 65.4 / 255, 70.4 / 255], abs=0)
-    cells = expand_spec(load_spec(SPEC))
+    cells = expand_benchmark(load_benchmark(BENCHMARK))
     assert {c.method for c in cells} >= {"vanilla", "mixup", "cutmix", "manifold_mixup", "puzzlemix"}
     for c in cells:
         assert (c.model, c.loss, c.epochs, c.batch_size, c.lr, c.momentum, c.nesterov, c.weight_decay) == (
@@ -73,8 +73,8 @@ def test_tiny_imagenet_protocol_values():
     assert info.mean == (0.5,) * 3 and info.std == (0.5,) * 3 and info.crop_padding == 4
     spec = RunSpec(method="vanilla", dataset="tiny-imagenet").resolved()
     assert (spec.stem, spec.loss, spec.lr) == ("cifar-s2", "bce", 0.2)
-    tiny = os.path.join(os.path.dirname(SPEC), "tinyimagenet_preactresnet18.yaml")
-    for c in expand_spec(load_spec(tiny)):
+    tiny = os.path.join(os.path.dirname(BENCHMARK), "tinyimagenet_preactresnet18.yaml")
+    for c in expand_benchmark(load_benchmark(tiny)):
         assert (c.stem, c.loss, c.lr, c.epochs, list(c.milestones), c.batch_size, c.weight_decay) == (
             "cifar-s2", "bce", 0.2, 1200, [600, 900], 100, 1e-4), c.method
         if c.method in ("mixup", "cutmix", "manifold_mixup"):

@@ -301,6 +301,7 @@ def test_duplicate_copies_of_a_run_count_once(results, tmp_path):
     assert n == 3
 
 
+@pytest.mark.slow
 def test_plots_are_written_and_non_empty(tmp_path):
     root = two_dataset_results(tmp_path)
     report = write_report([root], tmp_path / "rep", formats=["md"])
@@ -403,6 +404,7 @@ def check_image_files(plots: dict, stem: str) -> None:
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 2_000, stem
 
 
+@pytest.mark.slow
 def test_feature_removal_and_filter_usage_plots_are_written(tmp_path):
     report = write_report([filter_results(tmp_path)], tmp_path / "rep", formats=["md"])
     plots = {p.name: p for p in report["files"] if p.parent.name == "plots"}
@@ -460,6 +462,7 @@ def test_filter_usage_means_filled_in_for_older_records(tmp_path):
     assert runs.runs["eval.filter_usage.mean_gini"].iloc[0] == pytest.approx(want[0])
 
 
+@pytest.mark.slow
 def test_no_feature_removal_or_filter_usage_plots_without_data(tmp_path):
     report = write_report([two_dataset_results(tmp_path)], tmp_path / "rep", formats=["md"])
     names = {p.name for p in report["files"]}

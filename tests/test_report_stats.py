@@ -136,6 +136,7 @@ def budget_results(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_budget_plot_rank_table_and_critical_difference_diagram(tmp_path):
     out = tmp_path / "rep"
     report = write_report([budget_results(tmp_path / "runs")], out, formats=["md", "csv"])
@@ -163,6 +164,7 @@ def test_budget_plot_rank_table_and_critical_difference_diagram(tmp_path):
     assert epochs[("digits/net (epochs=20)", "mixup")] == "20"
 
 
+@pytest.mark.slow
 def test_one_column_or_one_budget_skips_ranks_and_budget_plot(tmp_path):
     report = write_report([effect_results(tmp_path / "runs")], tmp_path / "rep", formats=["md", "csv"])
     names = {p.name for p in report["files"]}
@@ -261,6 +263,7 @@ def test_twenty_methods_have_distinct_colours_and_markers():
     assert method_markers(["vanilla", "catchup_mix"])["catchup_mix"] == markers["catchup_mix"]
 
 
+@pytest.mark.slow
 def test_closed_pipe_ends_quietly(tmp_path):
     """`mixbench list methods | head -0`: the reader is gone before anything is written."""
     proc = subprocess.Popen([sys.executable, "-m", "mixbench", "list", "methods"], stdout=subprocess.PIPE,

@@ -1,45 +1,15 @@
 """Exact resume: kill -9 mid-epoch, crashes between writes, truncated and corrupted checkpoints."""
-import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import assert_same_run, first_checkpoint, kill_9_when, metrics, mixbench_run, resumed_epoch
 from mixbench import checkpoint as ckpt
 from mixbench.checkpoint import CorruptCheckpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from mixbench.spec import RunSpec
 from mixbench.train import train_run
-
-TIMING = {"epoch_time_s", "epoch_cpu_time_s", "train_images_per_s"}
-RESULT_KEYS = ("run_id", "status", "epochs", "final_top1", "final_top5", "final_test_loss", "best_top1",
-               "best_epoch", "last10_median_top1", "method_params", "num_params")
-
-
-def metrics(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
-
-def result(run_dir):
-    r = json.loads((Path(run_dir) / "result.json").read_text())
-    return {k: r[k] for k in RESULT_KEYS}
-
-
-def weights(run_dir):
-    return torch.load(Path(run_dir) / "model.pt", weights_only=True)
-
-
-def assert_same_run(a, b):
-    assert metrics(a) == metrics(b)
-    assert result(a) == result(b)
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ---------------------------------------------------------------------------
@@ -176,6 +146,7 @@ def test_checkpoint_captures_every_state(tmp_path, monkeypatch):
     assert "rng" in s["method"] and "generator" in s["loader"]
 
 
+@pytest.mark.slow
 def test_crash_between_metrics_and_checkpoint_then_truncated_checkpoint(tmp_path, monkeypatch, capsys):
     """Crash right after epoch 2's metrics line, before its checkpoint; then damage the newest checkpoint.
 
@@ -222,40 +193,25 @@ def test_crash_between_metrics_and_checkpoint_then_truncated_checkpoint(tmp_path
 # ---------------------------------------------------------------------------
 # a real kill -9 of `mixbench run`, mid-epoch
 # ---------------------------------------------------------------------------
-def launch(out, cwd):
-    cmd = [sys.executable, "-m", "mixbench", "run", "--methods", "mixup", "--dataset", "synthetic",
-           "--train-subset", "192", "--batch-size", "16", "--epochs", "3", "--seeds", "1", "--device", "cpu",
-           "--checkpoint-every-min", "0", "--no-progress", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+RUN = ("--methods", "mixup", "--dataset", "synthetic", "--train-subset", "192", "--batch-size", "16", "--epochs", "3",
+       "--seeds", "1", "--device", "cpu", "--checkpoint-every-min", "0", "--no-progress")
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_rerun_is_identical(tmp_path):
-    ref_proc = launch(tmp_path / "ref", tmp_path)
-    victim = launch(tmp_path / "run", tmp_path)
-    deadline = time.time() + 240
-    killed_at = None
-    while time.time() < deadline and victim.poll() is None:
-        found = list((tmp_path / "run").rglob("checkpoint.pt.sha256"))
-        if found:
-            time.sleep(0.3)  # into the next epoch
-            killed_at = len(metrics(found[0].parent))
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, victim.stderr.read()
+    ref_proc = mixbench_run(tmp_path / "ref", *RUN, cwd=tmp_path)
+    victim = mixbench_run(tmp_path / "run", *RUN, cwd=tmp_path)
+    run_dir = kill_9_when(victim, lambda: first_checkpoint(tmp_path / "run"), settle=0.3)  # into the next epoch
+    killed_at = len(metrics(run_dir))
     assert ref_proc.wait(timeout=240) == 0, ref_proc.stderr.read()
-    run_dir = next((tmp_path / "run").rglob("metrics.jsonl")).parent
     ref_dir = next((tmp_path / "ref").rglob("result.json")).parent
     assert not (run_dir / "result.json").exists() and (run_dir / "run.lock").exists()
     assert 1 <= killed_at < 3
 
-    again = launch(tmp_path / "run", tmp_path)
+    again = mixbench_run(tmp_path / "run", *RUN, cwd=tmp_path)
     _, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
     assert "taking over the stale lock" in err and "is no longer running on this host" in err
-    resumed = [line for line in err.splitlines() if "resuming" in line]
-    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 1, err
+    assert resumed_epoch(err) >= 1, err
     assert_same_run(ref_dir, run_dir)
     assert not (run_dir / "run.lock").exists()

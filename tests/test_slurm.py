@@ -20,16 +20,9 @@ import pytest
 
 from mixbench import UsageError
 from mixbench.cli import main
-from mixbench.launch import (
-    RunTask,
-    cell_status,
-    format_status,
-    grid_status,
-    load_profile,
-    read_launch,
-    sbatch_script,
-    submit_slurm,
-)
+from mixbench.launchers.record import read_launch
+from mixbench.launchers.slurm import RunTask, load_profile, sbatch_script, submit_slurm
+from mixbench.launchers.status import cell_status, format_status, grid_status
 from mixbench.results import atomic_write_json, find_results, is_complete
 from mixbench.spec import RunSpec, expand_grid, parse_methods
 
@@ -239,6 +232,7 @@ def _logs(run_dir: Path) -> str:
                    if Path(launch[k]).exists())
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_grid_through_sbatch(slurm_cluster, tmp_path, capsys):
     specs = expand_grid(["vanilla", "mixup"], [0, 1], dataset="synthetic", epochs=1)
@@ -265,6 +259,7 @@ def test_grid_through_sbatch(slurm_cluster, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == "4 cells: 4 done, 0 running, 0 pending, 0 failed"
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_preempted_run_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     epochs = 3
@@ -294,6 +289,7 @@ def test_preempted_run_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     assert [c.state for c in grid_status([spec], tmp_path)] == ["done"]
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_data_parallel_run_as_two_slurm_tasks(slurm_cluster, tmp_path, capsys):
     """One cell of 2 processes through submitit: 2 tasks of one job (Gloo on the CPU), the rendezvous from

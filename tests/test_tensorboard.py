@@ -3,10 +3,7 @@ one point per epoch and metric, also after a kill -9 and a resume that trains so
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +13,7 @@ pytest.importorskip("tensorboard", reason="the tensorboard package is not instal
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # noqa: E402
 
+from helpers import first_checkpoint, kill_9_when, mixbench_run  # noqa: E402
 from mixbench.spec import RunSpec  # noqa: E402
 from mixbench.tblog import EpochLog, scalars  # noqa: E402
 from mixbench.train import train_run  # noqa: E402
@@ -92,23 +90,9 @@ EPOCHS = 5
 
 
 def launch(out: Path, every_min: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mixbench", "run", "--methods", "mixup", "--dataset", "synthetic",
-           "--train-subset", "128", "--batch-size", "16", "--epochs", str(EPOCHS), "--seeds", "1",
-           "--device", "cpu", "--checkpoint-every-min", every_min, "--no-progress", "--tensorboard",
-           "--filter-usage-every", "2", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if ready():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    return mixbench_run(out, "--methods", "mixup", "--dataset", "synthetic", "--train-subset", "128", "--batch-size",
+                        "16", "--epochs", str(EPOCHS), "--seeds", "1", "--device", "cpu", "--checkpoint-every-min",
+                        every_min, "--no-progress", "--tensorboard", "--filter-usage-every", "2", cwd=out.parent)
 
 
 @pytest.mark.slow
@@ -117,15 +101,13 @@ def test_kill_9_and_resume_give_one_point_per_epoch(tmp_path):
 
     out = tmp_path / "runs"
     out.mkdir()
-    found = lambda pattern: list(out.rglob(pattern))  # noqa: E731
     # 1. a checkpoint after every epoch: killed once the first one is on disk
-    kill_when(launch(out, "0"), lambda: bool(found("checkpoint.pt.sha256")))
-    run_dir = found("metrics.jsonl")[0].parent
+    run_dir = kill_9_when(launch(out, "0"), lambda: first_checkpoint(out))
     start = load_checkpoint(run_dir)["epoch"]
     assert 1 <= start < EPOCHS - 2
     time.sleep(1.1)  # each launch's event file is named by a later second
     # 2. no checkpoint for an hour: killed after it logged two epochs past the checkpoint
-    kill_when(launch(out, "60"), lambda: len(metrics(run_dir)) >= start + 2)
+    kill_9_when(launch(out, "60"), lambda: len(metrics(run_dir)) >= start + 2)
     assert load_checkpoint(run_dir)["epoch"] == start
     time.sleep(1.1)
     # 3. the resume trains those epochs again, and the rest
@@ -147,13 +129,13 @@ def test_kill_9_and_resume_give_one_point_per_epoch(tmp_path):
     assert fu and all(steps == [0, 2, 4] for steps in fu.values()), fu
 
 
-def test_spec_option_and_flag():
+def test_benchmark_option_and_flag():
     from mixbench.cli import _run_overrides, build_parser
-    from mixbench.grid import check_spec, expand_spec
+    from mixbench.benchmark import check_benchmark, expand_benchmark
 
-    spec = {"dataset": "synthetic", "methods": ["mixup"], "tensorboard": True}
-    check_spec(spec)
-    assert [s.tensorboard for s in expand_spec(spec, {})] == [True]
+    benchmark = {"dataset": "synthetic", "methods": ["mixup"], "tensorboard": True}
+    check_benchmark(benchmark)
+    assert [s.tensorboard for s in expand_benchmark(benchmark, {})] == [True]
     args = build_parser().parse_args(["run", "--tensorboard"])
     assert _run_overrides(args)["tensorboard"] is True
     assert "tensorboard" not in _run_overrides(build_parser().parse_args(["run"]))

@@ -1,5 +1,6 @@
 """Launchers of data-parallel runs (:mod:`mixbench.distributed`): on this machine with PyTorch's
-elastic launcher (torchrun's engine), as ranks of an external ``torchrun``, and as Slurm tasks.
+elastic launcher (torchrun's engine) and as ranks of an external ``torchrun`` (Slurm tasks:
+:mod:`mixbench.launchers.slurm`). Every rank runs :func:`mixbench.launchers.cell.train_and_evaluate`.
 
 Every worker process of a data-parallel run first calls :func:`mixbench.distributed.init_worker`.
 """
@@ -15,7 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from mixbench.distributed import Parallel, destroy_process_group, init_process_group, init_worker
-from mixbench.launch import available_cpus, record_ranks, train_and_evaluate
+from mixbench.launchers.cell import train_and_evaluate
+from mixbench.launchers.local import available_cpus, run_local
+from mixbench.launchers.record import local_launch_info, now, record_launch, record_ranks
 
 
 # ---------------------------------------------------------------------------
@@ -163,12 +166,11 @@ def under_external_launcher(environ: Optional[Dict[str, str]] = None) -> bool:
 
 def run_grid_local(specs: Sequence[Any], out: Path, *, progress: bool = True) -> List[Dict[str, Any]]:
     """Train a grid on this machine, one cell after the other: data-parallel cells (``nproc > 1``)
-    with :func:`launch_local`, the others in this process (``mixbench.launch.run_local``).
+    with :func:`launch_local`, the others in this process (:func:`mixbench.launchers.local.run_local`).
 
     A cell whose rank died is reported (launch.json gets the error) and the grid goes on; a rerun
     resumes it from its last checkpoint. Returns the results of the cells (as ``run_local`` does).
     """
-    from mixbench.launch import _local_launch_info, _now, _record_launch, run_local
     from mixbench.results import is_complete, read_result
 
     results: List[Dict[str, Any]] = []
@@ -183,12 +185,12 @@ def run_grid_local(specs: Sequence[Any], out: Path, *, progress: bool = True) ->
             results.append(read_result(run_dir))
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
-        info = {**_local_launch_info(spec, spec.device), "nproc": spec.nproc}
-        _record_launch(run_dir, info)
+        info = {**local_launch_info(spec, spec.device), "nproc": spec.nproc}
+        record_launch(run_dir, info)
         try:
             summary = launch_local(spec, run_dir, progress=progress, desc=f"{label} x{spec.nproc}")
         except RankFailed as exc:
-            _record_launch(run_dir, {**info, "error": str(exc), "failed_at": _now()})
+            record_launch(run_dir, {**info, "error": str(exc), "failed_at": now()})
             print(f"mixbench: {label}: {exc}", file=sys.stderr)
             results.append({"status": "failed", "method": spec.method, "seed": spec.seed, "run_dir": str(run_dir),
                             "error": str(exc)})
@@ -200,7 +202,7 @@ def run_grid_local(specs: Sequence[Any], out: Path, *, progress: bool = True) ->
             continue
         result = read_result(run_dir) if (run_dir / "result.json").exists() else None
         if result and result.get("status") == "failed":
-            _record_launch(run_dir, {**info, "error": result.get("error"), "failed_at": _now()})
+            record_launch(run_dir, {**info, "error": result.get("error"), "failed_at": now()})
             print(f"{label}: FAILED: {result.get('error')} (result.json in {run_dir}); the grid goes on",
                   file=sys.stderr)
         results.append(result or {"status": "failed", "method": spec.method, "seed": spec.seed,

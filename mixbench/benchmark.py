@@ -1,11 +1,11 @@
-"""Benchmark specs: YAML files that describe a grid of runs.
+"""Benchmarks: YAML files that describe a grid of runs (``mixbench run --config BENCHMARK.yaml``).
 
-A spec is a mapping. Every key is optional::
+A benchmark is a mapping. Every key is optional::
 
     name: cifar100_preactresnet18      # free text, for people
     description: ...
     out: results/runs/cifar100         # default results folder (--out overrides)
-    plugins: [my_mix.py]               # methods/suites of your own: files (relative to the spec) or modules
+    plugins: [my_mix.py]               # methods/suites of your own: files (relative to the benchmark) or modules
     datasets: [cifar100]               # or `dataset: cifar100`
     models: [preactresnet18]           # or `model: ...` (default: the data set's)
     seeds: [0, 1, 2]                   # or `seed: 0`
@@ -17,16 +17,16 @@ A spec is a mapping. Every key is optional::
       method_params.alpha: [0.2, 1.0]  # a dotted key sets one entry of a dict option
 
 With ``methods`` as a mapping, each method's value is a mapping of run options
-(and optionally its own ``grid``) that override the spec's for that method::
+(and optionally its own ``grid``) that override the benchmark's for that method::
 
     methods:
       vanilla:
       mixup: {method_params: {alpha: 1.0}}
       manifold_mixup: {method_params: {alpha: 2.0}, epochs: 2000}
 
-Precedence, lowest first: the data set's defaults, the spec's options, the
-spec's ``grid``, the method's options, the method's ``grid``, then the command
-line (which also replaces the spec's methods, seeds, dataset and model lists).
+Precedence, lowest first: the data set's defaults, the benchmark's options, the
+benchmark's ``grid``, the method's options, the method's ``grid``, then the command
+line (which also replaces the benchmark's methods, seeds, dataset and model lists).
 ``method_params`` and ``model_kwargs`` are merged key by key across these
 levels. Cells that resolve to the same run are kept once.
 """
@@ -49,46 +49,46 @@ from mixbench.spec import RunSpec
 META_KEYS = ("name", "description", "out", "metric", "plugins")  # metric: the top-1 rule of `run`'s summary
 LIST_KEYS = {"methods": "method", "datasets": "dataset", "models": "model", "seeds": "seed"}
 _FIELDS = [f.name for f in dataclasses.fields(RunSpec)]
-# `plugins` is a top-level key (imported before the spec is read); `method_source` is computed.
+# `plugins` is a top-level key (imported before the benchmark is read); `method_source` is computed.
 OPTION_KEYS = [f for f in _FIELDS if f not in LIST_KEYS.values() and f not in ("plugins", "method_source")]
 _MERGED = ("method_params", "model_kwargs")
 
 
-def load_spec(path: Path) -> Dict[str, Any]:
-    """Read a YAML benchmark spec; a missing file or a non-mapping is a usage error."""
+def load_benchmark(path: Path) -> Dict[str, Any]:
+    """Read a benchmark file (YAML); a missing file or a non-mapping is a usage error."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"benchmark spec {str(path)!r} not found")
+        raise UsageError(f"benchmark {str(path)!r} not found")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise UsageError(f"benchmark spec {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise UsageError(f"benchmark {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UsageError(f"benchmark spec {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
-    if data.get("plugins") is not None:  # files relative to the spec's folder, imported before its methods are read
+        raise UsageError(f"benchmark {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
+    if data.get("plugins") is not None:  # files relative to the benchmark's folder, imported before its methods
         try:
             data["plugins"] = load_plugins(data["plugins"], base=path.resolve().parent)
         except UsageError as exc:
             raise UsageError(f"{path}: {exc}") from None
-    check_spec(data, where=str(path))
+    check_benchmark(data, where=str(path))
     return data
 
 
-def check_spec(spec: Mapping[str, Any], where: str = "spec") -> None:
+def check_benchmark(benchmark: Mapping[str, Any], where: str = "benchmark") -> None:
     """Reject unknown keys (top level, per method, grids) with the key's name and the valid ones."""
     valid = list(META_KEYS) + ["grid"] + list(LIST_KEYS) + list(LIST_KEYS.values()) + OPTION_KEYS
-    for key in spec:
+    for key in benchmark:
         if key not in valid:
             raise UsageError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
-    if spec.get("metric", "final") not in ("final", "best", "last10"):
-        raise UsageError(f"{where}: metric must be one of final, best, last10, got {spec['metric']!r}")
+    if benchmark.get("metric", "final") not in ("final", "best", "last10"):
+        raise UsageError(f"{where}: metric must be one of final, best, last10, got {benchmark['metric']!r}")
     for plural, singular in LIST_KEYS.items():
-        if plural in spec and singular in spec:
+        if plural in benchmark and singular in benchmark:
             raise UsageError(f"{where}: give either {plural!r} or {singular!r}, not both")
-    _check_grid(spec.get("grid"), f"{where}: grid")
-    methods = spec.get("methods")
+    _check_grid(benchmark.get("grid"), f"{where}: grid")
+    methods = benchmark.get("methods")
     if isinstance(methods, dict):
         for name, overrides in methods.items():
             if name == "all":
@@ -103,7 +103,8 @@ def check_spec(spec: Mapping[str, Any], where: str = "spec") -> None:
             for key in overrides:
                 if key not in OPTION_KEYS + ["grid"]:
                     raise UsageError(
-                        f"{where}: unknown key {key!r} in methods.{name}; valid keys: {', '.join(OPTION_KEYS + ['grid'])}"
+                        f"{where}: unknown key {key!r} in methods.{name}; "
+                        f"valid keys: {', '.join(OPTION_KEYS + ['grid'])}"
                     )
             _check_grid(overrides.get("grid"), f"{where}: methods.{name}.grid")
 
@@ -122,13 +123,13 @@ def _check_grid(grid: Any, where: str) -> None:
             raise UsageError(f"{where}.{key} must be a non-empty list of values, got {values!r}")
 
 
-def _as_list(spec: Mapping[str, Any], plural: str) -> Optional[List[Any]]:
+def _as_list(benchmark: Mapping[str, Any], plural: str) -> Optional[List[Any]]:
     singular = LIST_KEYS[plural]
-    if singular in spec:
-        return [spec[singular]]
-    if plural not in spec:
+    if singular in benchmark:
+        return [benchmark[singular]]
+    if plural not in benchmark:
         return None
-    value = spec[plural]
+    value = benchmark[plural]
     if isinstance(value, (list, tuple)):
         if not value:
             raise UsageError(f"{plural} is empty")
@@ -162,25 +163,25 @@ def _apply(options: Dict[str, Any], layer: Mapping[str, Any]) -> None:
             options[key] = value
 
 
-def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> List[RunSpec]:
-    """Every cell of ``spec`` as a resolved RunSpec, with ``overrides`` (the command line) applied last.
+def expand_benchmark(benchmark: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> List[RunSpec]:
+    """Every cell of ``benchmark`` as a resolved RunSpec, with ``overrides`` (the command line) applied last.
 
     ``overrides`` may hold run options and the list keys ``methods``, ``seeds``,
     ``datasets``/``dataset`` and ``models``/``model``.
     """
     overrides = dict(overrides or {})
-    load_plugins(list(split_refs(spec.get("plugins"))) + list(split_refs(overrides.get("plugins"))))
-    check_spec(spec)
+    load_plugins(list(split_refs(benchmark.get("plugins"))) + list(split_refs(overrides.get("plugins"))))
+    check_benchmark(benchmark)
     method_overrides: Dict[str, Dict[str, Any]] = {}
-    raw_methods = spec.get("methods", spec.get("method"))
+    raw_methods = benchmark.get("methods", benchmark.get("method"))
     if isinstance(raw_methods, dict):
         method_overrides = {str(k): dict(v or {}) for k, v in raw_methods.items()}
 
     def listed(plural: str, default: List[Any]) -> List[Any]:
         singular = LIST_KEYS[plural]
-        for source in (overrides, spec):
+        for source in (overrides, benchmark):
             if plural in source or singular in source:
-                if source is spec and plural == "methods" and isinstance(raw_methods, dict):
+                if source is benchmark and plural == "methods" and isinstance(raw_methods, dict):
                     return list(method_overrides)
                 return _as_list(source, plural)
         return default
@@ -191,7 +192,7 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
 
         methods = parse_methods("all")
     elif "all" in methods:  # a mapping with `all:` and overrides for some methods
-        methods = _every_available(spec, method_overrides)
+        methods = _every_available(benchmark, method_overrides)
     for name in methods:
         get_method(str(name))  # an unknown name fails here; availability is checked per cell, with its parameters
     seeds = listed("seeds", [0])
@@ -200,18 +201,18 @@ def expand_spec(spec: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] 
             raise UsageError(f"seeds must be non-negative integers, got {seed!r}")
     datasets = listed("datasets", ["digits"])
     models = listed("models", [None])
-    base = {k: v for k, v in spec.items() if k in OPTION_KEYS}
+    base = {k: v for k, v in benchmark.items() if k in OPTION_KEYS}
     cli = {k: v for k, v in overrides.items() if k in OPTION_KEYS}
 
     cells: List[RunSpec] = []
     seen = set()
     for dataset, model, method in itertools.product(datasets, models, methods):
         mo = method_overrides.get(method, {})
-        for g_spec, g_method in itertools.product(_combos(spec.get("grid")), _combos(mo.get("grid"))):
+        for g_bench, g_method in itertools.product(_combos(benchmark.get("grid")), _combos(mo.get("grid"))):
             options: Dict[str, Any] = {"method": method, "dataset": dataset}
             if model is not None:
                 options["model"] = model
-            for layer in (base, g_spec, mo, g_method, cli):
+            for layer in (base, g_bench, mo, g_method, cli):
                 _apply(options, layer)
             options["dataset"] = _normalise_dataset(str(options["dataset"]), options.get("data_dir"))
             check_method_params(method, options.get("method_params") or {})
@@ -229,12 +230,13 @@ def _normalise_dataset(name: str, data_dir: Optional[str]) -> str:
     return normalise_dataset_name(name, data_dir)
 
 
-def _every_available(spec: Mapping[str, Any], method_overrides: Mapping[str, Mapping[str, Any]]) -> List[str]:
+def _every_available(benchmark: Mapping[str, Any], method_overrides: Mapping[str, Mapping[str, Any]]) -> List[str]:
     """``methods: {all: , name: {...}}``: every registered method in registry order, each checked for
-    availability with its method parameters from the spec (the unavailable ones skipped with a note)."""
+    availability with its method parameters from the benchmark (the unavailable ones skipped with a note)."""
     names = []
     for name in list_methods():
-        params = {**(spec.get("method_params") or {}), **(method_overrides.get(name, {}).get("method_params") or {})}
+        params = {**(benchmark.get("method_params") or {}),
+                  **(method_overrides.get(name, {}).get("method_params") or {})}
         cls = get_method(name)
         if cls.available(**params):
             names.append(name)
@@ -266,8 +268,9 @@ def describe(specs: Sequence[RunSpec]) -> str:
             f"x {n('seed')} seed(s)")
 
 
-def spec_out(spec: Mapping[str, Any], default: Path) -> Path:
-    return Path(spec["out"]) if spec.get("out") else Path(default)
+def benchmark_out(benchmark: Mapping[str, Any], default: Path) -> Path:
+    return Path(benchmark["out"]) if benchmark.get("out") else Path(default)
 
 
-__all__: Tuple[str, ...] = ("load_spec", "check_spec", "expand_spec", "check_models", "describe", "spec_out")
+__all__: Tuple[str, ...] = ("load_benchmark", "check_benchmark", "expand_benchmark", "check_models", "describe",
+                            "benchmark_out")
