@@ -289,3 +289,24 @@ def test_a_methods_own_modules_stay_equal_across_ranks(tmp_path, monkeypatch):
             assert torch.equal(a[name][key], b[name][key]), (name, key)
             checked += 1
     assert checked
+
+
+@pytest.mark.slow
+def test_only_the_writer_rank_evaluates(tmp_path):
+    """With --eval, every rank trains and rank 0 alone runs the suites (it alone writes result.json)."""
+    probe = tmp_path / "probe.txt"
+    plugin = tmp_path / "rank_probe.py"
+    plugin.write_text("import os\nfrom mixbench.evaluate import register_suite\n\n\n@register_suite\n"
+                      "def rank_probe(ctx):\n"
+                      "    with open(os.environ['RANK_PROBE'], 'a') as f:\n"
+                      "        f.write(os.environ.get('RANK', '-') + '\\n')\n"
+                      "    return {'score': 1.0}\n")
+    env = {**_env(), "RANK_PROBE": str(probe)}
+    proc = subprocess.run([sys.executable, "-m", "mixbench", "run", "--methods", "vanilla", "--dataset", "synthetic",
+                           "--epochs", "1", "--batch-size", "32", "--train-subset", "64", "--device", "cpu",
+                           "--nproc-per-run", "2", "--eval", "rank_probe", "--plugins", str(plugin), "--no-progress",
+                           "--out", str(tmp_path / "runs")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert probe.read_text().split() == ["0"]
+    result = json.loads(next((tmp_path / "runs").rglob("result.json")).read_text())
+    assert result["eval"]["rank_probe"]["score"] == 1.0

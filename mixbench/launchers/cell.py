@@ -17,6 +17,9 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path, *, progress: bool, desc: st
     """Train one cell unless its result is complete, then run the evaluation suites it asks for
     (``spec.eval``) that its result.json does not hold yet. Returns its result.json.
 
+    In a data-parallel run every rank trains; the writer (rank 0) alone evaluates, as it alone writes
+    result.json (the suites run in one process on the writer's device).
+
     Training resumes from the run's last good checkpoint and holds the run's lock
     (:func:`mixbench.train.train_run`: ``RunLocked`` if another live process trains it, ``RunFailed``
     after a failed run wrote its result.json, which skips the evaluations).
@@ -28,7 +31,11 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path, *, progress: bool, desc: st
 
         result = train_run(spec, run_dir, progress=progress, desc=desc)
     if spec.eval:
+        from mixbench.distributed import Parallel
         from mixbench.evaluate import ensure_evaluated
+
+        if not Parallel.current().writer:
+            return result
 
         result = ensure_evaluated(run_dir, spec.eval, device=spec.device)
     return result
