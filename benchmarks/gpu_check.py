@@ -46,7 +46,9 @@ from mixbench.hooks import forward_mixed, mixing_points
 from mixbench.losses import get_loss
 from mixbench.methods import create_method, get_method, list_methods
 from mixbench.models import create_model
-from mixbench.train import compile_model, make_optimizer, peak_memory_mb, reset_peak_memory, step_loss
+from mixbench.compiled import compile_model
+from mixbench.optim import make_optimizer
+from mixbench.train import peak_memory_mb, reset_peak_memory, step_loss
 
 # (label, timm name, model kwargs, image size, batch size, classes)
 GPU_MODELS = [

@@ -29,11 +29,9 @@ with a ``status: "failed"`` result.json.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import math
-import os
 import random
 import resource
 import statistics
@@ -53,6 +51,7 @@ from mixbench import UsageError
 from mixbench.checkpoint import (
     Checkpointer, checkpoint_device, remove_checkpoint, remove_partial_writes, save_checkpoint,
 )
+from mixbench.compiled import compile_model
 from mixbench.data import DeviceLoader, make_loaders
 from mixbench.devices import resolve_device
 from mixbench.distributed import Parallel
@@ -60,6 +59,7 @@ from mixbench.evaluations.filter_usage import filter_usage_during_training
 from mixbench.losses import Loss, get_loss
 from mixbench.methods import create_method
 from mixbench.models import count_parameters, create_model
+from mixbench.optim import lr_factor, make_optimizer
 from mixbench.results import (
     SCHEMA_VERSION,
     append_jsonl,
@@ -106,82 +106,6 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         if isinstance(cuda_state, (list, tuple)):  # older checkpoints: every visible device's state
             cuda_state = cuda_state[min(device.index or 0, len(cuda_state) - 1)]
         torch.cuda.set_rng_state(cuda_state, device)
-
-
-class CompiledModel(torch.nn.Module):
-    """A ``torch.compile``d model whose 4-d input is first put in one memory format.
-
-    Compiled graphs are specialised on the input's strides, and a method's mixed batch may come in
-    another layout than the loader's (PuzzleMix's transported blocks do, depending on the grid):
-    without this, such a batch would compile another graph. The eager module stays reachable as
-    ``_orig_mod`` (what :func:`mixbench.hooks.unwrap` returns), and its attributes through this one.
-    """
-
-    compiled_wrapper = True  # methods that must run the eager module look for this (e.g. AutoMix)
-
-    def __init__(self, model: torch.nn.Module, compiled: Any, memory_format: torch.memory_format):
-        super().__init__()
-        self._orig_mod = model
-        object.__setattr__(self, "_compiled", compiled)  # not a submodule: no second copy of the weights
-        self.memory_format = memory_format
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=self.memory_format)
-        return self._compiled(x, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["_orig_mod"], name)
-
-
-def compile_model(model: torch.nn.Module, backend: Optional[str] = None,
-                  memory_format: torch.memory_format = torch.contiguous_format) -> CompiledModel:
-    """``torch.compile(model)`` with hidden-stage mixing inside the graphs.
-
-    The mixing hooks go in first (:func:`mixbench.hooks.install_mixing_hooks`; skipped for a model
-    without ``feature_info``); shapes are static (the last, smaller test batch gets its own graph),
-    inputs are put in ``memory_format`` (:class:`CompiledModel`), and the recompile limit leaves room
-    for the fixed set of graphs of a run: train and eval, each mixing point, the saliency pass of
-    saliency-based methods. ``backend`` defaults to ``$MIXBENCH_COMPILE_BACKEND``, else torch's
-    (inductor).
-    """
-    from torch import _dynamo
-
-    from mixbench.hooks import install_mixing_hooks
-
-    try:
-        install_mixing_hooks(model)
-    except UsageError:
-        pass
-    cfg = _dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), COMPILE_GRAPH_LIMIT))
-    backend = backend or os.environ.get("MIXBENCH_COMPILE_BACKEND")
-    compiled = torch.compile(model, dynamic=False, **({"backend": backend} if backend else {}))
-    return CompiledModel(model, compiled, memory_format)
-
-
-COMPILE_GRAPH_LIMIT = 64
-
-
-def make_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device,
-                   extra_groups=()) -> torch.optim.Optimizer:
-    """SGD with the run's options; fused into one kernel per step on CUDA where torch has it.
-
-    ``extra_groups``: the method's own parameter groups (``MixMethod.param_groups``), after the
-    model's; options they leave out take the run's."""
-    extra = {}
-    if device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters:
-        extra["fused"] = True
-    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
-                                weight_decay=spec.weight_decay, **extra)
-    for group in extra_groups:
-        optimizer.add_param_group(dict(group))
-    return optimizer
 
 
 # A diverged run is noticed within this many optimiser steps: the per-step losses stay on the
@@ -235,22 +159,6 @@ def write_failed_result(
     if Parallel.current().writer:
         atomic_write_json(Path(run_dir) / "result.json", result)
     return result
-
-
-def lr_factor(step: int, spec: RunSpec, steps_per_epoch: int) -> float:
-    """The LR multiplier at optimiser step ``step`` (linear warm-up, then cosine or multi-step)."""
-    total = spec.epochs * steps_per_epoch
-    warm = spec.warmup_epochs * steps_per_epoch
-    if step < warm:
-        return (step + 1) / warm
-    if spec.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-    epoch = step / steps_per_epoch
-    factor = 1.0
-    for m in sorted(m * spec.epochs if m < 1 else m for m in spec.milestones):
-        if epoch >= m:  # multiplied one milestone at a time, as the reference's adjust_learning_rate does
-            factor *= spec.gamma
-    return factor
 
 
 @torch.no_grad()

@@ -184,7 +184,7 @@ def test_the_clean_loss_has_its_own_classifier(kind):
 
 
 def test_momentum_model_follows_the_eager_modules_mode_behind_a_compiled_wrapper():
-    from mixbench.train import CompiledModel
+    from mixbench.compiled import CompiledModel
 
     model = build("resnet18")
     method = bound(model)

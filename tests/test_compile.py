@@ -14,7 +14,8 @@ from mixbench.hooks import install_mixing_hooks, mixing_state, resolve_points
 from mixbench.losses import get_loss
 from mixbench.methods import create_method, get_method, list_methods
 from mixbench.models import create_model
-from mixbench.train import compile_model, step_loss
+from mixbench.compiled import compile_model
+from mixbench.train import step_loss
 
 pytestmark = pytest.mark.slow
 

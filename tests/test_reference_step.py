@@ -33,7 +33,8 @@ from mixbench.losses import get_loss
 from mixbench.methods import create_method, get_method
 from mixbench.models import count_parameters, create_model
 from mixbench.spec import RunSpec
-from mixbench.train import lr_factor, step_loss
+from mixbench.optim import lr_factor
+from mixbench.train import step_loss
 
 REFERENCE = os.environ.get("PUZZLEMIX_REFERENCE")
 needs_reference = pytest.mark.skipif(
