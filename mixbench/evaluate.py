@@ -117,12 +117,17 @@ def _subset(n: int, limit: Optional[int], seed: int, salt: str) -> torch.Tensor:
     return torch.randperm(n, generator=generator(seed, "subset", salt))[:limit].sort().values
 
 
+def check_finished(run_dir: Path) -> None:
+    """A one-line error unless ``run_dir`` holds a complete result.json and its model.pt."""
+    result = read_result(run_dir)
+    if not result or result.get("status") != "complete" or not (Path(run_dir) / "model.pt").exists():
+        raise UsageError(f"{run_dir} is not a finished run (needs result.json with status complete and model.pt)")
+
+
 def load_run(run_dir: Path, device: torch.device):
     """(resolved RunSpec, PixelModel in eval mode on ``device``, (train loader, test loader)) of a finished run."""
     run_dir = Path(run_dir)
-    result = read_result(run_dir)
-    if not result or result.get("status") != "complete" or not (run_dir / "model.pt").exists():
-        raise UsageError(f"{run_dir} is not a finished run (needs result.json with status complete and model.pt)")
+    check_finished(run_dir)
     spec = RunSpec.from_dict(yaml.safe_load((run_dir / "spec.yaml").read_text()))
     loaders = data.make_loaders(spec, torch.device("cpu"))
     info = loaders[1].info
@@ -214,6 +219,10 @@ def run_cli(args: argparse.Namespace) -> int:
             raise UsageError(f"--set gives options for {suite!r}, which is not among --suite {args.suite!r}")
         check_options(suite, options[suite])
     run_dirs = finished_run_dirs(args.paths)
+    for run_dir in run_dirs:  # every input and every option checked before the first run is evaluated
+        check_finished(run_dir)
+    for suite in suites:
+        check_options(suite, options.get(suite, {}))
     for run_dir in run_dirs:
         evaluate_run(run_dir, suites, max_samples=args.max_samples, batch_size=args.batch_size,
                      device=args.device, seed=args.seed, options=options, cache_dir=args.cache_dir)

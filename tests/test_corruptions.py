@@ -10,7 +10,7 @@ import torch
 
 from mixbench import UsageError
 from mixbench.evaluations.corruption import DEFAULT_CORRUPTIONS, corrupt
-from mixbench.evaluations.corruption_ops import CORRUPTIONS, EXTRA_CORRUPTIONS, STANDARD_CORRUPTIONS
+from mixbench.evaluations.corruption_ops import CORRUPTIONS, EXTRA_CORRUPTIONS, STANDARD_CORRUPTIONS, frost_dir
 
 
 def scene(n=3, side=32, channels=3, seed=0):
@@ -49,6 +49,11 @@ NOT_MONOTONE = {"elastic_transform", "frost", "glass_blur", "spatter", "saturate
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 @pytest.mark.parametrize("side, channels", [(32, 3), (16, 1)])
 def test_corruption_shape_dtype_determinism_and_damage(name, side, channels):
+    if name == "frost":
+        try:
+            frost_dir()
+        except UsageError as exc:
+            pytest.skip(str(exc))
     images = scene(side=side, channels=channels)
     outs = [corrupt(images, name, s, seed=3) for s in range(1, 6)]
     assert all(o.dtype == torch.uint8 and o.shape == images.shape for o in outs)

@@ -77,11 +77,11 @@ def _check(o: Dict[str, Any]) -> None:
     for c in _items(o["corruptions"]):
         if c not in CORRUPTIONS:
             raise UsageError(f"unknown corruption {c!r}; choose from: {', '.join(CORRUPTIONS)}")
-    if "frost" in _items(o["corruptions"]):
-        frost_dir()  # the frost photographs come with the imagecorruptions package
     for sev in _items(o["severities"]):
         if sev not in (1, 2, 3, 4, 5):
             raise UsageError(f"corruption severity must be in 1..5, got {sev!r}")
+    if "frost" in _items(o["corruptions"]):
+        frost_dir()  # the frost photographs come with the imagecorruptions package
 
 
 @register_suite(headlines=[Headline("mean_top1", percent=True)], check=_check)
