@@ -70,9 +70,9 @@ def launch_local(spec: Any, run_dir: Path, *, progress: bool = True, desc: str =
     Each rank gets ``cores / nproc`` cores (``cores``: :func:`available_cpus`, this process's share when
     several cells run at once). The rendezvous store and the ranks' store (``MASTER_PORT``) listen on
     ports the kernel assigns when they bind (port 0) and that they hold until the run ends, so cells
-    launched at the same time on this machine never share one. When a rank dies or raises, the launcher stops the others and
-    this raises :class:`RankFailed` naming the rank, its exit code or signal; the next launch resumes the
-    run from its last checkpoint. Returns rank 0's summary (``status``, ``error``).
+    launched at the same time on this machine never share one. When a rank dies or raises, the launcher
+    stops the others and this raises :class:`RankFailed` naming the rank, its exit code or signal; the
+    next launch resumes the run from its last checkpoint. Returns rank 0's summary (``status``, ``error``).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
