@@ -6,7 +6,7 @@ A run with ``nproc = N > 1`` trains in N processes (ranks): NCCL on GPUs (one GP
 worker runs under
 
 - ``mixbench run --nproc-per-run N`` (PyTorch's elastic launcher, the engine of ``torchrun``, one
-  cell at a time, no restarts),
+  cell at a time per group of N GPUs, no restarts),
 - ``torchrun --nproc-per-node N -m mixbench run --nproc-per-run N ...``,
 - Slurm through submitit, one task per GPU on one or several nodes, the rendezvous from Slurm's
   environment.

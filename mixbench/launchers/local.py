@@ -136,11 +136,12 @@ def _environment(env: Mapping[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _parallel_worker(first, queue, device: str, out: str, progress: bool, where: str = "") -> None:
+def _parallel_worker(first, queue, device: str, out: str, progress: bool, where: str = "", cell=None) -> None:
     """Worker process of :func:`run_parallel`: train ``first``, then cells from ``queue`` on ``device`` until it is empty.
 
     Its environment (:func:`worker_environment`) was set before it started: one visible GPU
-    (``device`` is then ``cuda:0``) and its share of the cores.
+    (``device`` is then ``cuda:0``) and its share of the cores. ``cell`` (a module-level function,
+    :func:`_train_cell` unless given) trains one queued cell.
     """
     import torch
 
@@ -151,18 +152,23 @@ def _parallel_worker(first, queue, device: str, out: str, progress: bool, where:
     item = first
     while item is not None:
         label, spec_dict = item
-        spec = dataclasses.replace(RunSpec.from_record(spec_dict), device=device)  # imports the run's plugins
-        run_dir = spec.run_dir(Path(out))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        info = {**local_launch_info(spec, device), "where": where}
-        record_launch(run_dir, info)
-        try:
-            train_and_evaluate(spec, run_dir, progress=progress, desc=f"{label} [{where}]")
-        except Exception as exc:  # one failed cell must not stop the other cells
-            record_launch(run_dir, {**info, "error": f"{type(exc).__name__}: {exc}", "failed_at": now()})
-            traceback.print_exc()
-            print(f"mixbench: {label} failed on {where}: {exc}", file=sys.stderr)
+        (cell or _train_cell)(label, spec_dict, device, Path(out), progress, where)
         item = queue.get()
+
+
+def _train_cell(label: str, spec_dict: Dict[str, Any], device: str, out: Path, progress: bool, where: str) -> None:
+    """One cell of a :func:`run_parallel` worker, in the worker's process, on ``device``."""
+    spec = dataclasses.replace(RunSpec.from_record(spec_dict), device=device)  # imports the run's plugins
+    run_dir = spec.run_dir(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {**local_launch_info(spec, device), "where": where}
+    record_launch(run_dir, info)
+    try:
+        train_and_evaluate(spec, run_dir, progress=progress, desc=f"{label} [{where}]")
+    except Exception as exc:  # one failed cell must not stop the other cells
+        record_launch(run_dir, {**info, "error": f"{type(exc).__name__}: {exc}", "failed_at": now()})
+        traceback.print_exc()
+        print(f"mixbench: {label} failed on {where}: {exc}", file=sys.stderr)
 
 
 def run_parallel(specs: Sequence[RunSpec], out: Path, devices: Sequence[str], *,
@@ -172,43 +178,55 @@ def run_parallel(specs: Sequence[RunSpec], out: Path, devices: Sequence[str], *,
     Complete cells are skipped; the others resume from their checkpoints. Returns
     the results of the cells that completed (failed cells are reported and skipped).
     """
-    import multiprocessing as mp
-
     todo = []
     for i, spec in enumerate(specs, 1):
         if is_complete(spec.run_dir(out)):
             print(f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}: already complete, skipped", file=sys.stderr)
         else:
             todo.append((f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}", spec.to_dict()))
-    if todo:
-        ctx = mp.get_context("spawn")
-        chosen = list(devices)[:len(todo)]
-        # Each worker starts with a cell of its own, so that every device gets work even when
-        # one process is slower to start (importing torch, initialising CUDA) than the others
-        # need to finish a short cell; the rest is shared through the queue.
-        queue = ctx.Queue()
-        for item in todo[len(chosen):]:
-            queue.put(item)
-        workers = []
-        for d, first in zip(chosen, todo):
-            gpu = d.startswith("cuda")
-            index = torch_device_index(d) if gpu else len(workers)
-            env = worker_environment(index, len(chosen), gpu=gpu)
-            where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpu else f"cpu worker {index}"
-            workers.append((ctx.Process(target=_parallel_worker,
-                                        args=(first, queue, "cuda:0" if gpu else "cpu", str(out), progress, where)), env))
-        for _ in workers:
-            queue.put(None)
-        for w, env in workers:
-            with _environment(env):  # a spawned process inherits it: pinned before it imports torch
-                w.start()
-        for w, _ in workers:
-            w.join()
+    chosen = list(devices)[:len(todo)]
+    slots = []
+    for d in chosen:
+        gpu = d.startswith("cuda")
+        index = torch_device_index(d) if gpu else len(slots)
+        env = worker_environment(index, len(chosen), gpu=gpu)
+        where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpu else f"cpu worker {index}"
+        slots.append(("cuda:0" if gpu else "cpu", env, where))
+    run_workers(todo, slots, out, progress=progress)
     results = [read_result(s.run_dir(out)) for s in specs]
     failed = [s for s, r in zip(specs, results) if not r or r.get("status") != "complete"]
     if failed:
         print(f"mixbench: {len(failed)} run(s) did not complete; see `mixbench status {out}`", file=sys.stderr)
     return [r for r in results if r]
+
+
+def run_workers(todo: Sequence[Any], slots: Sequence[Any], out: Path, *, progress: bool = True, cell=None) -> None:
+    """Train the cells ``todo`` (``(label, spec dict)`` pairs) with one spawned worker process per slot,
+    ``(device, environment, where)``, and wait for them; ``cell`` is passed to :func:`_parallel_worker`.
+
+    Each worker starts with a cell of its own, so that every slot gets work even when one process is
+    slower to start (importing torch, initialising CUDA) than the others need to finish a short cell;
+    the rest is shared through a queue. The environment is the worker's from its start: set before it
+    imports torch (``CUDA_VISIBLE_DEVICES``, its share of the cores).
+    """
+    import multiprocessing as mp
+
+    if not todo:
+        return
+    slots = list(slots)[:len(todo)]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    for item in todo[len(slots):]:
+        queue.put(item)
+    for _ in slots:
+        queue.put(None)
+    workers = [(ctx.Process(target=_parallel_worker, args=(first, queue, device, str(out), progress, where, cell)), env)
+               for (device, env, where), first in zip(slots, todo)]
+    for w, env in workers:
+        with _environment(env):  # a spawned process inherits it: pinned before it imports torch
+            w.start()
+    for w, _ in workers:
+        w.join()
 
 
 def torch_device_index(name: str) -> int:
