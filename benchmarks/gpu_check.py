@@ -453,16 +453,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             plan.append(("eval", 0, lambda: results.__setitem__("eval", eval_suites(device, args, work))))
         if "resume" in parts:
             plan.append(("resume", 0, lambda: results.__setitem__("resume", resume_check(device, args, work))))
+        if "ddp" in parts:
+            plan.append(("ddp", 0 if args.quick else 60,
+                         lambda: results.__setitem__("ddp", ddp_check(device, args, work))))
+        if "decode" in parts:
+            plan.append(("decode", 0 if args.quick else 30,
+                         lambda: results.__setitem__("decode", decode_check(device, args, work))))
         if "throughput" in parts:
             plan.append((f"{models[1][0]} eager", 30, speed(models[1], False)))
             plan.append((f"{models[0][0]} compiled", 0 if args.quick else 120, speed(models[0], True)))
             plan.append((f"{models[1][0]} compiled", 0 if args.quick else 150, speed(models[1], True)))
-        if "decode" in parts:
-            plan.insert(3 if "throughput" in parts else len(plan), ("decode", 0 if args.quick else 30,
-                        lambda: results.__setitem__("decode", decode_check(device, args, work))))
-        if "ddp" in parts:
-            plan.insert(3 if "throughput" in parts else len(plan), ("ddp", 0 if args.quick else 60,
-                        lambda: results.__setitem__("ddp", ddp_check(device, args, work))))
         for name, needs, part in plan:
             if budget.left() <= needs:
                 results.setdefault("skipped_parts", []).append(name)
