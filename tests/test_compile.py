@@ -7,64 +7,14 @@ inductor; one test runs inductor itself.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mixbench.hooks as hooks
 from mixbench.hooks import install_mixing_hooks, mixing_state, resolve_points
-from mixbench.losses import get_loss
 from mixbench.methods import create_method, get_method, list_methods
-from mixbench.models import create_model
 from mixbench.compiled import compile_model
-from mixbench.train import step_loss
+from method_checks import SIDE, Trainer, batches, params_of, tiny_model
 
 pytestmark = pytest.mark.slow
-
-CLASSES, BATCH, SIDE = 5, 8, 16
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return create_model("resnetv2_18", num_classes=CLASSES, image_size=SIDE, layers=(1, 1, 1, 1),
-                        channels=(8, 16, 16, 16), stem_chs=8)
-
-
-def batches(n):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 3, SIDE, SIDE, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g))
-            for _ in range(n)]
-
-
-def params_of(name):
-    return {"workers": 0} if name == "puzzlemix" else {}
-
-
-class Trainer:
-    """One model, one method, SGD: the harness's step (``step_loss``, the same order of calls)."""
-
-    def __init__(self, name, forward, model):
-        self.forward, self.model = forward, model
-        self.method = create_method(name, **params_of(name))
-        self.method.setup(seed=3, num_classes=CLASSES, mean=MEAN, std=STD)
-        self.criterion = get_loss("ce")
-        self.method.bind(model)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
-                                         weight_decay=5e-4)
-        for group in self.method.param_groups():
-            self.optimizer.add_param_group(group)
-        self.steps = 0
-
-    def step(self, x, y):
-        self.model.train()
-        loss = step_loss(self.method, self.forward, x, F.one_hot(y, CLASSES).float(), self.criterion,
-                         self.criterion.extra_weight(CLASSES))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.method.after_step(self.model, self.steps, 100)
-        self.steps += 1
-        return loss.detach()
-
 
 def counting_backend(name, log):
     from torch._dynamo.backends.registry import lookup_backend

@@ -1,0 +1,135 @@
+"""Every method and every evaluation suite with the model and data on a second device.
+
+On a GPU, a tensor left on the host fails the first time it meets a device tensor; on this CPU-only
+machine it would pass unseen. :class:`fake_device.FakeGpu` gives the CPU a second device with CUDA's
+placement rules, so these tests fail where a GPU run would (see ``tests/fake_device.py``). First the
+device itself is checked to fail where CUDA fails.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fake_device import DEVICE, DeviceMismatch, FakeGpu, on_device
+from method_checks import BATCH, CLASSES, SIDE, Trainer, params_of, tiny_model
+import mixbench.train as train
+from mixbench import evaluate as ev
+from mixbench.cli import main
+from mixbench.methods import get_method, list_methods
+from mixbench.spec import RunSpec
+from mixbench.train import train_run
+
+
+def test_the_fake_device_fails_where_cuda_fails():
+    model = torch.nn.Linear(4, 2)
+    with FakeGpu():
+        x = torch.randn(3, 4, device=DEVICE)
+        assert on_device(x) and x.device == DEVICE
+        with pytest.raises(DeviceMismatch, match="host tensors of shapes"):
+            model(x)  # the model was left on the host
+        model.to(DEVICE)
+        out = model(x)
+        assert on_device(out) and all(on_device(p) for p in model.parameters())
+        out.sum().backward()
+        assert on_device(model.weight.grad)
+        with pytest.raises(DeviceMismatch):
+            out + torch.ones(2)  # a host tensor of one dimension
+        assert on_device(out * torch.tensor(2.0))  # a 0-dim host tensor is a scalar, as on CUDA
+        with pytest.raises(DeviceMismatch, match="numpy"):
+            out.detach().numpy()
+        assert out.detach().cpu().numpy().shape == (3, 2) and not on_device(out.cpu())
+        with pytest.raises(DeviceMismatch, match="generator"):
+            torch.rand(2, device=DEVICE, generator=torch.Generator())
+        assert on_device(x[torch.tensor([0, 2])])  # host indices are allowed, as on CUDA
+        assert on_device(torch.zeros(2).to(x)) and on_device(torch.zeros(2).to(x.device))
+        model.to("cpu")
+        assert not any(on_device(p) for p in model.parameters())
+
+
+def _data(steps):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 3, SIDE, SIDE, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g))
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("name", [m for m in list_methods() if get_method(m).available()])
+def test_every_method_trains_with_the_model_and_data_on_a_device(name):
+    """Twelve harness steps (every mixing point of the hidden-point methods is drawn in them), the
+    method's own modules and state on the device, and the same losses as on the host."""
+    host_model = tiny_model()
+    host = Trainer(name, host_model, host_model)
+    host_losses = [host.step(x, y) for x, y in _data(12)]
+    host.method.close()
+    with FakeGpu():
+        model = tiny_model().to(DEVICE)
+        trainer = Trainer(name, model, model)
+        losses = [trainer.step(x.to(DEVICE), y.to(DEVICE)) for x, y in _data(12)]
+        assert all(on_device(loss) for loss in losses)
+        trainer.method.close()
+    for module in trainer.method.owned_modules().values():
+        assert all(on_device(p) for p in module.parameters()), f"{name}: a module of the method stayed on the host"
+    torch.testing.assert_close(torch.stack(losses), torch.stack(host_losses), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["run", "--methods", "vanilla", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "128",
+                 "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    (found,) = list(out.rglob("result.json"))
+    return found.parent
+
+
+def test_every_evaluation_suite_runs_with_the_model_on_a_device(finished_run, tmp_path):
+    """``mixbench evaluate`` with every suite, the model and images on the device (small settings)."""
+    options = {"corruption": {"corruptions": ["gaussian_noise", "glass_blur", "contrast", "jpeg_compression"],
+                              "severities": [2]},
+               "loss_landscape": {"points": 3, "directions": 1}}
+    with FakeGpu():
+        result = ev.evaluate_run(finished_run, list(ev.SUITES), max_samples=16, batch_size=8, device=str(DEVICE),
+                                 options=options, cache_dir=tmp_path, log=lambda msg: None)
+    assert set(result["eval"]) == set(ev.SUITES)
+    assert all(meta["device"] == str(DEVICE) for meta in result["eval_meta"].values())
+
+
+class Killed(BaseException):
+    pass
+
+
+def _spec(method, params):
+    return RunSpec.from_dict(dict(method=method, method_params=params, dataset="synthetic", seed=5, epochs=2,
+                                  batch_size=64, train_subset=128, device="cpu",
+                                  checkpoint_every_min=0)).resolved()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, params", [("mixup", {}), ("manifold_mixup", {}), ("puzzlemix", {"workers": 0}),
+                                            ("automix", {})])
+def test_the_training_loop_trains_and_resumes_on_a_device(method, params, tmp_path, monkeypatch, capsys):
+    """``train_run`` on the device: a whole run, and one killed after its first epoch, then resumed from the
+    checkpoint (model, optimizer, the method's state and modules back on the device), end equal."""
+    monkeypatch.setattr(train, "resolve_device", lambda name, warn=False: DEVICE)
+    spec = _spec(method, params)
+    with FakeGpu():
+        train_run(spec, tmp_path / "ref", progress=False)
+        real_metrics, calls = train.test_metrics, []
+
+        def killed_in_epoch_2(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise Killed()
+            return real_metrics(*args, **kwargs)
+
+        monkeypatch.setattr(train, "test_metrics", killed_in_epoch_2)
+        with pytest.raises(Killed):
+            train_run(spec, tmp_path / "run", progress=False)
+        monkeypatch.setattr(train, "test_metrics", real_metrics)
+        capsys.readouterr()
+        train_run(spec, tmp_path / "run", progress=False)
+        assert "from epoch 1" in capsys.readouterr().err
+    ref, run = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("ref", "run"))
+    assert ref["status"] == run["status"] == "complete"
+    assert (ref["final_top1"], ref["final_test_loss"]) == (run["final_top1"], run["final_test_loss"])
+    wa, wb = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ref", "run"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
