@@ -22,6 +22,7 @@ outside torch, which is where a tensor is left behind.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -61,6 +62,10 @@ def _as_device(d: Any):
         except RuntimeError:
             return None
     return None
+
+
+def _to_host(args, kwargs) -> bool:
+    return any(_as_device(a) is False for a in list(args[1:]) + [kwargs.get("device")])
 
 
 def _getter_of(func: Any) -> Any:
@@ -128,8 +133,21 @@ def _module_to(real):
     return to
 
 
+# Calls that wait for the device: a value or a copy on the host.
+_SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+          torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.cpu}
+
+
 class FakeGpu(TorchFunctionMode):
-    """While active, marked tensors behave as tensors on a second device (see the module's docstring)."""
+    """While active, marked tensors behave as tensors on a second device (see the module's docstring).
+
+    ``syncs`` counts the calls that would make the host wait for the device (``.item()``, ``bool()``,
+    ``.nonzero()``, a copy to the host, ...), by name.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: Counter = Counter()
 
     def __enter__(self):
         self._real = torch.nn.Module.to, torch.nn.Parameter.__deepcopy__, torch.Generator
@@ -150,6 +168,8 @@ class FakeGpu(TorchFunctionMode):
         if any(prop is attr for attr in _DERIVED_ATTRS):
             out = func(*args, **kwargs)
             return _mark(out) if on_device(args[0]) else out
+        if args and on_device(args[0]) and (func in _SYNCS or (func is torch.Tensor.to and _to_host(args, kwargs))):
+            self.syncs[_name(func)] += 1
         if func in (torch.Tensor.numpy, torch.Tensor.__array__) and on_device(args[0]):
             raise DeviceMismatch("can't convert a device tensor to numpy; copy it to the host first (.cpu())")
         if func is torch.Tensor.cpu:

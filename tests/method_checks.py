@@ -51,9 +51,9 @@ def params_of(name):
 class Trainer:
     """One model, one method, SGD: the harness's step (``step_loss``, the same order of calls)."""
 
-    def __init__(self, name, forward, model):
+    def __init__(self, name, forward, model, params=None):
         self.forward, self.model = forward, model
-        self.method = create_method(name, **params_of(name))
+        self.method = create_method(name, **(params_of(name) if params is None else params))
         self.method.setup(seed=3, num_classes=CLASSES, mean=MEAN, std=STD)
         self.criterion = get_loss("ce")
         self.method.bind(model)

@@ -53,23 +53,43 @@ def _data(steps):
             for _ in range(steps)]
 
 
-@pytest.mark.parametrize("name", [m for m in list_methods() if get_method(m).available()])
-def test_every_method_trains_with_the_model_and_data_on_a_device(name):
+# Host syncs a method's step may make (copies to the host, .item()): each is its algorithm's own.
+SYNCS_PER_STEP = {
+    "puzzlemix": 1,  # the saliency, the costs and the draws to the graph-cut solver, one batched copy
+    "saliencymix": 1,  # the images to OpenCV's saliency (steps that mix)
+    "comixup": 2,  # the block saliency and the distance matrix to the solver
+    "alignmix": 100,  # Sinkhorn's stopping test after each round (at most max_iter = 100), as the reference
+}
+
+
+def method_params(name, tmp_path):
+    if name == "attentivemix":
+        from test_attentivemix import write_extractor
+        return write_extractor(tmp_path)
+    return params_of(name)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_trains_with_the_model_and_data_on_a_device(name, tmp_path):
     """Twelve harness steps (every mixing point of the hidden-point methods is drawn in them), the
-    method's own modules and state on the device, and the same losses as on the host."""
+    method's own modules on the device, the losses equal to the host's, and no host sync beyond the
+    method's own (``SYNCS_PER_STEP``)."""
+    params = method_params(name, tmp_path)
+    assert get_method(name).available(**params), get_method(name).unavailable_reason(**params)
     host_model = tiny_model()
-    host = Trainer(name, host_model, host_model)
+    host = Trainer(name, host_model, host_model, params)
     host_losses = [host.step(x, y) for x, y in _data(12)]
     host.method.close()
-    with FakeGpu():
+    with FakeGpu() as device:
         model = tiny_model().to(DEVICE)
-        trainer = Trainer(name, model, model)
+        trainer = Trainer(name, model, model, params)
         losses = [trainer.step(x.to(DEVICE), y.to(DEVICE)) for x, y in _data(12)]
         assert all(on_device(loss) for loss in losses)
         trainer.method.close()
     for module in trainer.method.owned_modules().values():
         assert all(on_device(p) for p in module.parameters()), f"{name}: a module of the method stayed on the host"
     torch.testing.assert_close(torch.stack(losses), torch.stack(host_losses), rtol=1e-5, atol=1e-5)
+    assert sum(device.syncs.values()) <= 12 * SYNCS_PER_STEP.get(name, 0), dict(device.syncs)
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +153,16 @@ def test_the_training_loop_trains_and_resumes_on_a_device(method, params, tmp_pa
     assert (ref["final_top1"], ref["final_test_loss"]) == (run["final_top1"], run["final_test_loss"])
     wa, wb = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ref", "run"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_training_loop_waits_for_the_device_per_epoch_not_per_step(tmp_path, monkeypatch):
+    """The loop keeps its step losses on the device: 4 times as many steps, the same host syncs."""
+    monkeypatch.setattr(train, "resolve_device", lambda name, warn=False: DEVICE)
+    syncs = []
+    for subset in (128, 512):  # 2 and 8 steps of 64
+        spec = RunSpec.from_dict(dict(method="vanilla", dataset="synthetic", seed=5, epochs=1, batch_size=64,
+                                      train_subset=subset, device="cpu")).resolved()
+        with FakeGpu() as device:
+            train_run(spec, tmp_path / str(subset), progress=False)
+        syncs.append(dict(device.syncs))
+    assert syncs[0] == syncs[1] and sum(syncs[0].values()) <= 8, syncs
