@@ -172,6 +172,7 @@ class GridCut:
         return labels
 
 
+@torch.autocast("cpu", enabled=False)  # float32 on the host, as the authors' solver, under any autocast
 def solve_partition(
     cost: np.ndarray,
     A: np.ndarray,

@@ -40,10 +40,9 @@ Deviations, also in the README:
 - The CAM pass runs ``forward_features`` only (the authors run the whole model
   and discard its logits), in the model's current mode (train mode during
   training, as in the authors' code, so batch norms see the clean batch and
-  update their running statistics), under the run's autocast (bf16 on CUDA;
-  the authors' code has none) with the CAM arithmetic in float32. It is
-  skipped when a box is empty (then nothing is mixed; the authors compute it
-  anyway).
+  update their running statistics), in float32 even under the run's autocast
+  (bf16 on CUDA), as the authors' code computes it. It is skipped when a box
+  is empty (then nothing is mixed; the authors compute it anyway).
 - The class of a sample is the arg-max of its (soft) target.
 - The classifier must be a linear layer or a 1x1 convolution (timm's heads of
   ResNet, ResNetV2, RegNet, EfficientNet...); another head is a usage error.
@@ -81,15 +80,14 @@ def classifier_weights(model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor | N
 def semantic_percent_map(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N, H, W) float32 maps, each >= 0 and summing to 1: the CAM of each sample's class at image size.
 
-    One forward of ``x`` through ``forward_features`` without gradient, in the model's current mode
-    and under the caller's autocast (bf16 on CUDA); the CAM arithmetic is float32.
+    One forward of ``x`` through ``forward_features`` without gradient, in the model's current mode,
+    in float32 even under autocast (the label weights are the method's output; the authors' code
+    computes them in float32), as is the CAM arithmetic.
     """
     net = unwrap(model)
     weight, bias = classifier_weights(net)
-    with torch.no_grad():
-        fms = net.forward_features(x)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        fms = F.relu(fms.float())
+        fms = F.relu(net.forward_features(x.float()).float())
         cam = F.conv2d(fms, weight.float()[:, :, None, None], None if bias is None else bias.float())
         cam = cam[torch.arange(x.shape[0], device=x.device), labels.to(x.device)]
         cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
