@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fake_device import DEVICE, DeviceMismatch, FakeGpu, on_device
 from method_checks import BATCH, CLASSES, SIDE, Trainer, params_of, tiny_model
@@ -71,11 +70,10 @@ def method_params(name, tmp_path):
 
 @pytest.mark.parametrize("name", list_methods())
 def test_every_method_trains_with_the_model_and_data_on_a_device(name, tmp_path):
-    """Twelve harness steps (every mixing point of the hidden-point methods is drawn in them) with the
-    model and batches in channels_last on the device, as a CUDA run has them: the method's own modules
-    on the device, the first three losses those of contiguous tensors on the host (to 1e-4; rounding
-    grows over the steps), and no host
-    sync beyond the method's own (``SYNCS_PER_STEP``)."""
+    """Twelve harness steps with the model and batches in channels_last on the device, as a CUDA run
+    has them: the method's own modules on the device, the first three losses those of contiguous
+    tensors on the host (to 1e-4; rounding grows over the steps), and no host sync beyond the
+    method's own (``SYNCS_PER_STEP``)."""
     params = method_params(name, tmp_path)
     assert get_method(name).available(**params), get_method(name).unavailable_reason(**params)
     host_model = tiny_model()
