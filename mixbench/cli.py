@@ -311,6 +311,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.out or (roots[0].parent if roots[0].is_file() else roots[0]) / "report"
     report = write_report(roots, out, metric=metric, formats=formats, plots=not args.no_plots)
     print(report["markdown"])
+    for plain, _ in report["table"].notes:
+        if plain.startswith("WARNING"):
+            print(f"mixbench: {plain}", file=sys.stderr)
     print(f"{len(report['runset'].runs)} complete run(s), {len(report['runset'].problems)} incomplete or failed")
     print(f"report in {out}:")
     for path in report["files"]:

@@ -71,6 +71,21 @@ def _with_filter_usage_means(ev: Dict[str, Any]) -> Dict[str, Any]:
     return {**ev, "filter_usage": {"mean_gini": gini_, "mean_effective_fraction": eff, **fu}}
 
 
+def eval_settings(result: Dict[str, Any]) -> Dict[str, str]:
+    """Per evaluation suite of a result, what decides its numbers besides the weights, as a JSON string:
+    the options, the samples and seed of ``eval_meta``, and the names of the result's parts (the
+    corruptions, deformations or stages it measured). Runs whose strings differ were not measured alike."""
+    meta = result.get("eval_meta") or {}
+    out = {}
+    for suite, value in (result.get("eval") or {}).items():
+        m = meta.get(suite) or {}
+        parts = sorted(k for k, v in value.items() if isinstance(v, dict)) if isinstance(value, dict) else []
+        out[suite] = json.dumps({"options": m.get("options", {}), "samples": m.get("samples"),
+                                 "train_samples": m.get("train_samples"), "seed": m.get("seed"), "parts": parts},
+                                sort_keys=True, default=str)
+    return out
+
+
 def _protocol(result: Dict[str, Any]) -> Dict[str, Any]:
     """The options that change a run's numbers, other than the cell (method, seed, dataset, model)."""
     spec = result.get("spec") or {}
@@ -205,6 +220,7 @@ def load_runs(roots: Iterable[Path]) -> RunSet:
             seen[key] = run_dir
         ev = flatten_eval(_with_filter_usage_means(r.get("eval") or {}))
         proto = _protocol(r)
+        settings = eval_settings(r)
         records.append({
             **base,
             "status": "complete",
@@ -224,6 +240,7 @@ def load_runs(roots: Iterable[Path]) -> RunSet:
             "git_commit": r.get("git_commit"),
             "method_params": json.dumps(r.get("method_params") or {}, sort_keys=True),
             "protocol": json.dumps(proto, sort_keys=True, default=str),
+            **{f"eval_settings.{suite}": v for suite, v in settings.items()},
             **{f"eval.{k}": v for k, v in ev.items()},
         })
     # Run directories that never wrote result.json: interrupted, crashed, or still running.
@@ -396,7 +413,8 @@ def runs_frame(runset: RunSet):
     first = [c for c in ("dataset", "model", "column", "method", "row", "seed", "status", "run_id",
                          "final_top1", "best_top1", "last10_median_top1", "final_top5",
                          "epoch_time_s", "peak_mem_mb", "wall_time_s", "epochs") if c in df.columns]
-    return df[first + [c for c in df.columns if c not in first]]
+    rest = [c for c in df.columns if c not in first and not c.startswith("eval_settings.")]  # the table's check
+    return df[first + rest]
 
 
 def _stages(fu: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:

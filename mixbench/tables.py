@@ -10,6 +10,7 @@ renders the same table as ``index.html``. :mod:`mixbench.report` writes the file
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -76,6 +77,35 @@ def _time_column(g: str, basis: str, present) -> Optional[Column]:
 
 def _join_groups(groups: Sequence[str], all_groups: Sequence[str]) -> str:
     return "" if len(groups) == len(all_groups) else f" ({', '.join(groups)})"
+
+
+def eval_settings_notes(runs, columns: List[Column]) -> List[str]:
+    """One warning per (column, suite) whose runs were evaluated with different settings (options, sample
+    count, seed or the parts measured, e.g. another set of corruptions): their numbers are not comparable."""
+    notes: List[str] = []
+    shown = {(c.group, c.quantity.split(".")[1]) for c in columns if c.quantity.startswith("eval.")}
+    for group, suite in sorted(shown):
+        key = f"eval_settings.{suite}"
+        if key not in runs:
+            continue
+        sub = runs[(runs["column"] == group) & runs[key].notna()]
+        kinds = sub.groupby(key, sort=False)
+        if kinds.ngroups < 2:
+            continue
+        settings = [(json.loads(k), v) for k, v in kinds]
+        differ = [f for f in settings[0][0] if len({json.dumps(s[f], sort_keys=True) for s, _ in settings}) > 1]
+        every_part = sorted({p for s, _ in settings for p in s["parts"]})
+        described = []
+        for s, v in settings:
+            missing = [p for p in every_part if p not in s["parts"]]
+            what = ", ".join(
+                (f"{len(s[f])} parts" + (f" (not {', '.join(missing)})" if missing else "")) if f == "parts"
+                else f"{f} {json.dumps(s[f], sort_keys=True)}" for f in differ)
+            described.append(f"{len(v)} run(s) with {what} (e.g. {v['row'].iloc[0]} seed {v['seed'].iloc[0]})")
+        notes.append(f"WARNING: {suite} in {group} was evaluated with {kinds.ngroups} different settings, so its "
+                     f"numbers are not comparable: " + "; ".join(described) + ". Evaluate these runs again with "
+                     f"one `mixbench evaluate` command")
+    return notes
 
 
 def _time_notes(runs, columns: List[Column], basis: Dict[str, str]) -> List[Tuple[str, str]]:
@@ -209,7 +239,8 @@ def build_table(runset: RunSet, metric: str = "final") -> Table:
     what = METRICS[metric][1]
     has_mem = any(c.quantity == "peak_mem_mb" for c in columns)
     has_eval = any(c.quantity.startswith("eval.") for c in columns)
-    notes: List[Tuple[str, str]] = _stats_notes(groups, rows, paired)
+    notes: List[Tuple[str, str]] = [(t, latex_escape(t)) for t in eval_settings_notes(runs, columns)]
+    notes += _stats_notes(groups, rows, paired)
     notes += _time_notes(runs, columns, basis)
     if has_mem:
         t = "peak mem: peak CUDA memory allocated (GPU) or peak process RSS (CPU)"

@@ -474,3 +474,28 @@ def test_no_feature_removal_or_filter_usage_plots_without_data(tmp_path):
     names = {p.name for p in report["files"]}
     assert {"feature_removal.png", "filter_usage_norms.png", "filter_usage_gini.png"} <= names
     assert "filter_usage_per_epoch.png" not in names
+
+
+def test_a_suite_evaluated_with_different_settings_in_one_column_is_flagged(tmp_path, capsys):
+    """Runs of one column whose corruption results cover different corruptions (or other options) are not
+    comparable: the table's notes and the command's stderr say so, naming the runs; alike runs are not flagged."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        for method, parts in (("vanilla", ("fog",)), ("mixup", ("fog", "snow") if seed else ("fog",))):
+            ev = {"corruption": {"mean_top1": 50.0, **{p: {"severity": [3], "top1": [50.0]} for p in parts}}}
+            run = make_run(root, method, seed, 90.0 + seed, eval_=ev)
+            result = json.loads((run / "result.json").read_text())
+            result["eval_meta"] = {"corruption": {"options": {"severities": [3]}, "samples": 100, "seed": 0}}
+            (run / "result.json").write_text(json.dumps(result))
+    assert main(["report", str(root), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: corruption in digits/net was evaluated with 2 different settings" in err
+    assert "3 run(s) with 1 parts (not snow)" in err and "1 run(s) with 2 parts (e.g. mixup seed 1)" in err
+    assert "WARNING: corruption" in (tmp_path / "rep" / "table.md").read_text()
+    # alike again: the mixup seed-1 run measured with the same corruptions as the others
+    run = next(root.rglob("mixup/seed1-*"))
+    result = json.loads((run / "result.json").read_text())
+    del result["eval"]["corruption"]["snow"]
+    (run / "result.json").write_text(json.dumps(result))
+    assert main(["report", str(root), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
