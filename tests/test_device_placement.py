@@ -167,3 +167,22 @@ def test_the_training_loop_waits_for_the_device_per_epoch_not_per_step(tmp_path,
             train_run(spec, tmp_path / str(subset), progress=False)
         syncs.append(dict(device.syncs))
     assert syncs[0] == syncs[1] and sum(syncs[0].values()) <= 8, syncs
+
+
+def test_a_streamed_image_folder_trains_and_evaluates_on_a_device(tmp_path, monkeypatch):
+    """The streaming loader (image files decoded a batch at a time) feeds the device, for training and for
+    the evaluation suites."""
+    from test_evaluate_stream import write_folder
+
+    monkeypatch.setenv("MIXBENCH_WORKERS", "0")
+    monkeypatch.setattr(train, "resolve_device", lambda name, warn=False: DEVICE)
+    root = write_folder(tmp_path / "pets")
+    with FakeGpu():
+        assert main(["run", "--methods", "puzzlemix", "--dataset", f"imagefolder:{root}", "--model",
+                     "preactresnet18_w16", "--image-size", "32", "--data-mode", "stream", "--epochs", "1",
+                     "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
+        (found,) = list((tmp_path / "runs").rglob("result.json"))
+        result = ev.evaluate_run(found.parent, ["adversarial", "corruption", "calibration"], max_samples=6,
+                                 batch_size=4, device=str(DEVICE), cache_dir=tmp_path / "cache", log=lambda m: None,
+                                 options={"corruption": {"corruptions": ["fog", "contrast"], "severities": [2]}})
+    assert set(result["eval"]) == {"adversarial", "corruption", "calibration"}
