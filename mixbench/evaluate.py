@@ -31,7 +31,7 @@ from mixbench.devices import resolve_device
 from mixbench.evaluations import SUITES, EvalContext, ImageSet, PixelModel, get_suite, register_suite  # noqa: F401
 from mixbench.evaluations.base import generator
 from mixbench.models import create_model
-from mixbench.results import atomic_write_json, is_complete, read_result
+from mixbench.results import atomic_write_json, git_commit, is_complete, read_result
 from mixbench.spec import RunSpec
 
 
@@ -188,13 +188,15 @@ def evaluate_run(
     ctx = EvalContext(model=model, test=test, train=train, batch_size=batch_size, seed=seed, device=dev,
                       run_dir=run_dir, cache_dir=cache_dir)
     new, meta = {}, {}
+    commit = git_commit()  # the evaluation code, as a run's git_commit is the training code's
     for name in suites:
         t0 = time.perf_counter()
         new[name] = SUITES[name](ctx, **options.get(name, {}))
         elapsed = time.perf_counter() - t0
         meta[name] = {"time_s": round(elapsed, 3), "samples": len(ctx.test), "train_samples": len(ctx.train),
                       "seed": seed, "options": options.get(name, {}),
-                      "device": str(dev), "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                      "device": str(dev), "git_commit": commit,
+                      "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         log(f"{run_dir}: {name} {SUITES[name].summary(new[name])} ({elapsed:.1f} s)")
     result = read_result(run_dir)  # re-read just before the write: keep whatever else is there
     result["eval"] = {**result.get("eval", {}), **new}

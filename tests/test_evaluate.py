@@ -319,6 +319,7 @@ def test_evaluate_cli_merges_into_result_json(run_dir, tmp_path):
     assert fr["k"][0] == 0 and len(fr["k"]) == len(fr["top1"]) and "auc" in fr
     assert fr["top1"][0] == pytest.approx(ev_["calibration"]["top1"])  # k = 0 is the clean accuracy
     assert result["eval_meta"]["adversarial"]["samples"] == 48
+    assert result["eval_meta"]["adversarial"]["git_commit"] == result["git_commit"]  # the code that evaluated
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
     # a second call adds suites and keeps the earlier ones; `run --eval` on a finished run only evaluates
