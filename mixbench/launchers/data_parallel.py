@@ -17,7 +17,7 @@ import torch
 from mixbench import UsageError
 from mixbench.distributed import Parallel, destroy_process_group, init_process_group, init_worker
 from mixbench.launchers.cell import train_and_evaluate
-from mixbench.launchers.local import available_cpus, run_local, run_workers, worker_environment
+from mixbench.launchers.local import available_cpus, collect_results, run_local, run_workers, worker_environment
 from mixbench.launchers.record import local_launch_info, now, record_launch, record_ranks
 
 
@@ -258,7 +258,7 @@ def run_groups(specs: Sequence[Any], out: Path, groups: Sequence[Sequence[str]],
     a worker on the CPU (its environment's ``CUDA_VISIBLE_DEVICES`` untouched). The run locks keep two
     workers, or two launchers, off one cell. Returns the results of the cells that have one.
     """
-    from mixbench.results import is_complete, read_result
+    from mixbench.results import is_complete
 
     todo = []
     for i, spec in enumerate(specs, 1):
@@ -268,11 +268,7 @@ def run_groups(specs: Sequence[Any], out: Path, groups: Sequence[Sequence[str]],
         else:
             todo.append((label, spec.to_dict()))
     run_workers(todo, group_slots(groups[:len(todo)]), out, progress=progress, cell=_group_cell)
-    results = [read_result(s.run_dir(out)) for s in specs]
-    if any(not r or r.get("status") != "complete" for r in results):
-        n = sum(1 for r in results if not r or r.get("status") != "complete")
-        print(f"mixbench: {n} run(s) did not complete; see `mixbench status {out}`", file=sys.stderr)
-    return [r for r in results if r]
+    return collect_results(specs, out)
 
 
 def group_slots(groups: Sequence[Sequence[str]], environ: Optional[Mapping[str, str]] = None,

@@ -193,6 +193,11 @@ def run_parallel(specs: Sequence[RunSpec], out: Path, devices: Sequence[str], *,
         where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpu else f"cpu worker {index}"
         slots.append(("cuda:0" if gpu else "cpu", env, where))
     run_workers(todo, slots, out, progress=progress)
+    return collect_results(specs, out)
+
+
+def collect_results(specs: Sequence[RunSpec], out: Path) -> List[Dict[str, Any]]:
+    """The result.json of each cell that has one, after workers trained them; says how many did not complete."""
     results = [read_result(s.run_dir(out)) for s in specs]
     failed = [s for s, r in zip(specs, results) if not r or r.get("status") != "complete"]
     if failed:
