@@ -48,6 +48,15 @@ def params_of(name):
     return {"workers": 0} if name == "puzzlemix" else {}
 
 
+def method_params(name, tmp_path):
+    """:func:`params_of`, and for AttentiveMix a tiny extractor written into ``tmp_path`` (its pretrained
+    extractor is a parameter)."""
+    if name == "attentivemix":
+        from test_attentivemix import write_extractor
+        return write_extractor(tmp_path)
+    return params_of(name)
+
+
 class Trainer:
     """One model, one method, SGD: the harness's step (``step_loss``, the same order of calls)."""
 

@@ -18,17 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from method_checks import BATCH, CLASSES, MEAN, SIDE, STD, params_of, tiny_model
+from method_checks import CLASSES, MEAN, STD, batches, method_params, tiny_model
 from mixbench.methods import create_method, list_methods
 
 
 LEARNED_MASKS = {"automix"}  # a trained module's output decides the mix (see the module docstring)
 
 
-def batches(n):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 3, SIDE, SIDE, generator=g),
-             F.one_hot(torch.randint(0, CLASSES, (BATCH,), generator=g), CLASSES).float()) for _ in range(n)]
 
 
 def mix(name, params, autocast):
@@ -42,7 +38,7 @@ def mix(name, params, autocast):
     method.setup(seed=3, num_classes=CLASSES, mean=MEAN, std=STD)
     method.bind(model)
     targets = []
-    for x, y in batches(6):
+    for x, y in ((x, F.one_hot(y, CLASSES).float()) for x, y in batches(6)):
         model.load_state_dict(start)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = method(model, x, y)
@@ -54,11 +50,7 @@ def mix(name, params, autocast):
 
 @pytest.mark.parametrize("name", list_methods())
 def test_every_method_mixes_the_same_under_bf16_autocast(name, tmp_path):
-    if name == "attentivemix":
-        from test_attentivemix import write_extractor
-        params = write_extractor(tmp_path)
-    else:
-        params = params_of(name)
+    params = method_params(name, tmp_path)
     targets, inputs = mix(name, params, autocast=False)
     targets_bf16, inputs_bf16 = mix(name, params, autocast=True)
     assert torch.equal(targets, targets_bf16), (targets - targets_bf16).abs().max()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fake_device import DEVICE, DeviceMismatch, FakeGpu, on_device
-from method_checks import BATCH, CLASSES, SIDE, Trainer, params_of, tiny_model
+from method_checks import Trainer, batches, method_params, tiny_model
 import mixbench.train as train
 from mixbench import evaluate as ev
 from mixbench.cli import main
@@ -46,12 +46,6 @@ def test_the_fake_device_fails_where_cuda_fails():
         assert not any(on_device(p) for p in model.parameters())
 
 
-def _data(steps):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 3, SIDE, SIDE, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g))
-            for _ in range(steps)]
-
-
 # Host syncs a method's step may make (copies to the host, .item()): each is its algorithm's own.
 SYNCS_PER_STEP = {
     "puzzlemix": 1,  # the saliency, the costs and the draws to the graph-cut solver, one batched copy
@@ -59,13 +53,6 @@ SYNCS_PER_STEP = {
     "comixup": 2,  # the block saliency and the distance matrix to the solver
     "alignmix": 100,  # Sinkhorn's stopping test after each round (at most max_iter = 100), as the reference
 }
-
-
-def method_params(name, tmp_path):
-    if name == "attentivemix":
-        from test_attentivemix import write_extractor
-        return write_extractor(tmp_path)
-    return params_of(name)
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -78,12 +65,12 @@ def test_every_method_trains_with_the_model_and_data_on_a_device(name, tmp_path)
     assert get_method(name).available(**params), get_method(name).unavailable_reason(**params)
     host_model = tiny_model()
     host = Trainer(name, host_model, host_model, params)
-    host_losses = [host.step(x, y) for x, y in _data(12)]
+    host_losses = [host.step(x, y) for x, y in batches(12)]
     host.method.close()
     with FakeGpu() as device:
         model = tiny_model().to(DEVICE, memory_format=torch.channels_last)
         trainer = Trainer(name, model, model, params)
-        losses = [trainer.step(x.to(DEVICE, memory_format=torch.channels_last), y.to(DEVICE)) for x, y in _data(12)]
+        losses = [trainer.step(x.to(DEVICE, memory_format=torch.channels_last), y.to(DEVICE)) for x, y in batches(12)]
         assert all(on_device(loss) for loss in losses)
         trainer.method.close()
     for module in trainer.method.owned_modules().values():
@@ -114,6 +101,12 @@ def test_every_evaluation_suite_runs_with_the_model_on_a_device(finished_run, tm
     assert all(meta["device"] == str(DEVICE) for meta in result["eval_meta"].values())
 
 
+@pytest.fixture
+def runs_on_the_device(monkeypatch):
+    """``train_run`` resolves a run's device to the fake one (a spec and the CLI take real devices only)."""
+    monkeypatch.setattr(train, "resolve_device", lambda name, warn=False: DEVICE)
+
+
 class Killed(BaseException):
     pass
 
@@ -127,10 +120,10 @@ def _spec(method, params):
 @pytest.mark.slow
 @pytest.mark.parametrize("method, params", [("mixup", {}), ("manifold_mixup", {}), ("puzzlemix", {"workers": 0}),
                                             ("automix", {})])
-def test_the_training_loop_trains_and_resumes_on_a_device(method, params, tmp_path, monkeypatch, capsys):
+def test_the_training_loop_trains_and_resumes_on_a_device(method, params, tmp_path, monkeypatch, capsys,
+                                                         runs_on_the_device):
     """``train_run`` on the device: a whole run, and one killed after its first epoch, then resumed from the
     checkpoint (model, optimizer, the method's state and modules back on the device), end equal."""
-    monkeypatch.setattr(train, "resolve_device", lambda name, warn=False: DEVICE)
     spec = _spec(method, params)
     with FakeGpu():
         train_run(spec, tmp_path / "ref", progress=False)
@@ -156,9 +149,8 @@ def test_the_training_loop_trains_and_resumes_on_a_device(method, params, tmp_pa
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_the_training_loop_waits_for_the_device_per_epoch_not_per_step(tmp_path, monkeypatch):
+def test_the_training_loop_waits_for_the_device_per_epoch_not_per_step(tmp_path, runs_on_the_device):
     """The loop keeps its step losses on the device: 4 times as many steps, the same host syncs."""
-    monkeypatch.setattr(train, "resolve_device", lambda name, warn=False: DEVICE)
     syncs = []
     for subset in (128, 512):  # 2 and 8 steps of 64
         spec = RunSpec.from_dict(dict(method="vanilla", dataset="synthetic", seed=5, epochs=1, batch_size=64,
@@ -169,13 +161,12 @@ def test_the_training_loop_waits_for_the_device_per_epoch_not_per_step(tmp_path,
     assert syncs[0] == syncs[1] and sum(syncs[0].values()) <= 8, syncs
 
 
-def test_a_streamed_image_folder_trains_and_evaluates_on_a_device(tmp_path, monkeypatch):
+def test_a_streamed_image_folder_trains_and_evaluates_on_a_device(tmp_path, monkeypatch, runs_on_the_device):
     """The streaming loader (image files decoded a batch at a time) feeds the device, for training and for
     the evaluation suites."""
     from test_evaluate_stream import write_folder
 
     monkeypatch.setenv("MIXBENCH_WORKERS", "0")
-    monkeypatch.setattr(train, "resolve_device", lambda name, warn=False: DEVICE)
     root = write_folder(tmp_path / "pets")
     with FakeGpu():
         assert main(["run", "--methods", "puzzlemix", "--dataset", f"imagefolder:{root}", "--model",
